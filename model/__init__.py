@@ -1,0 +1,1 @@
+"""The MoT model (issue 7)."""

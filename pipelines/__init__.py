@@ -1,0 +1,1 @@
+"""Pipelines: Ray Data plans composing stages."""

@@ -1,0 +1,1 @@
+"""Typed tables: pyarrow schemas and records, one module per table, each versioned."""

@@ -1,0 +1,1 @@
+"""Stages: the unit users configure, test and scale. See stages/base.py for the contract."""

@@ -1,0 +1,1 @@
+"""Video stages: probe, shots, clips, crop, quality, keyframes, embed, dedup."""
