@@ -1,0 +1,331 @@
+"""The video pipeline: raw videos in, curated and deduplicated clips out.
+
+    ingest (hash, exact dedup of files)
+      -> probe -> shots -> clips (expand) -> crop -> quality -> keyframes -> embed
+      -> dedup (global: exact, perceptual, semantic)
+
+Ingest runs on the driver; the per-video stages run as one Ray Data plan per
+partition (a fixed group of sources), so a killed run redoes at most the
+partitions in flight; dedup runs once over every partition's survivors.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import weft
+from weft.pipelines.ray_runtime import RayConfig, apply_stage
+from weft.schemas.ids import hash_of, sha256_file
+from weft.schemas.ledger import LedgerEntry, StagePlan, read_ledger, write_ledger
+from weft.schemas.policy import Policy
+from weft.schemas.run_dir import RunDir, write_atomic
+from weft.stages.base import LEDGER_COLUMN, RunContext, Stage, ledger_rows_of
+from weft.stages.video.clips import ClipsStage
+from weft.stages.video.crop import CropStage
+from weft.stages.video.dedup import DedupConfig, dedup_decisions
+from weft.stages.video.embed import EmbedStage
+from weft.stages.video.keyframes import KeyframesStage
+from weft.stages.video.probe import ProbeStage
+from weft.stages.video.quality import QualityStage
+from weft.stages.video.shots import ShotsStage
+
+PIPELINE = "video"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIGS_DIR / "video.yaml"
+PARTITION_STAGES: list[type[Stage]] = [
+    ProbeStage, ShotsStage, ClipsStage, CropStage, QualityStage, KeyframesStage, EmbedStage,
+]
+INGEST = StagePlan("ingest", "1", "map")
+DEDUP = StagePlan("dedup", "1", "map")
+# Columns that never leave a partition (pixels) or are bookkeeping.
+NOT_STORED = ("frames", LEDGER_COLUMN)
+
+
+class ConfigError(ValueError):
+    """A bad configuration: reported once, at start-up, before any work."""
+
+
+class DiscoverConfig(BaseModel):
+    """Which files under --input are inputs. Every file found is accounted for."""
+
+    model_config = ConfigDict(extra="forbid")
+    recursive: bool = True
+    include_hidden: bool = False
+
+
+class VideoPipelineConfig(BaseModel):
+    """Everything the video pipeline does, with every default visible in configs/video.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = 1
+    policy: str = Field("policies/video.yaml", description="relative to this config's folder")
+    partition_size: int = Field(4, ge=1, description="sources per resumable partition")
+    discover: DiscoverConfig = Field(default_factory=DiscoverConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    probe: ProbeStage.Config = Field(default_factory=ProbeStage.Config)
+    shots: ShotsStage.Config = Field(default_factory=ShotsStage.Config)
+    clips: ClipsStage.Config = Field(default_factory=ClipsStage.Config)
+    crop: CropStage.Config = Field(default_factory=CropStage.Config)
+    quality: QualityStage.Config = Field(default_factory=QualityStage.Config)
+    keyframes: KeyframesStage.Config = Field(default_factory=KeyframesStage.Config)
+    embed: EmbedStage.Config = Field(default_factory=EmbedStage.Config)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+
+    def stage_config(self, stage_cls: type[Stage]) -> Any:
+        return getattr(self, stage_cls.name)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class LoadedConfig(BaseModel):
+    """A validated config with its policy, and the hash that names the run."""
+
+    config: VideoPipelineConfig
+    policy: Policy
+    resolved: dict[str, Any]
+    config_hash: str
+
+
+def load_config(path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> LoadedConfig:
+    """Built-in defaults, then the user's YAML (partial is fine), then overrides.
+
+    Any problem - unreadable YAML, an unknown key, a bad value, a missing
+    policy or model directory - raises ConfigError with one clear message.
+    """
+    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    base_dir = CONFIGS_DIR
+    if path is not None:
+        path = Path(path)
+        try:
+            user = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(user, dict):
+            raise ConfigError(f"config {path} must be a mapping, got {type(user).__name__}")
+        data = _deep_merge(data, user)
+        if "policy" in user:
+            base_dir = path.parent
+    data = _deep_merge(data, overrides or {})
+    try:
+        config = VideoPipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid video config{f' {path}' if path else ''}: {problems}") from exc
+    policy_path = Path(config.policy)
+    if not policy_path.is_absolute():
+        policy_path = (base_dir / policy_path).resolve()
+    try:
+        policy = Policy.model_validate(yaml.safe_load(policy_path.read_text()))
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"invalid or missing policy {policy_path}: {exc}") from exc
+    unknown = set(policy.rules) - {s.name for s in PARTITION_STAGES} - {"dedup"}
+    if unknown:
+        raise ConfigError(f"policy {policy_path} has rules for unknown stages: {sorted(unknown)}")
+    resolved = config.model_dump(mode="json")
+    resolved["policy"] = str(policy_path)
+    resolved["policy_resolved"] = policy.model_dump(mode="json")
+    hashed = {k: v for k, v in resolved.items() if k not in ("ray", "policy")}
+    for stage in PARTITION_STAGES:  # resources change scheduling, not outputs
+        hashed[stage.name] = {k: v for k, v in hashed[stage.name].items() if k != "resources"}
+    return LoadedConfig(config=config, policy=policy, resolved=resolved,
+                        config_hash=hash_of(PIPELINE, hashed, length=16))
+
+
+def plan() -> list[StagePlan]:
+    """The ledger's stage order for this pipeline."""
+    return [INGEST, *(StagePlan(s.name, s.version, s.kind) for s in PARTITION_STAGES), DEDUP]
+
+
+def code_version() -> str:
+    return f"weft-{weft.__version__}"
+
+
+def preflight(loaded: LoadedConfig) -> None:
+    """Fail at start-up, clearly, for missing tools and models."""
+    for tool in ("ffmpeg", "ffprobe"):
+        if shutil.which(tool) is None:
+            raise ConfigError(f"{tool} is not on PATH; install it (apt-get install ffmpeg)")
+    embed_dir = loaded.config.embed.model_dir
+    if embed_dir is not None and not Path(embed_dir).is_dir():
+        raise ConfigError(f"embed.model_dir {embed_dir} does not exist (make one with "
+                          "`weft models make-tiny-clip` or point it at a real open_clip model)")
+    weights = getattr(loaded.config.shots, "weights_path", None)
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"shots.weights_path {weights} does not exist")
+
+
+# ---------------------------------------------------------------------------
+# ingest: discover and hash inputs (driver side)
+# ---------------------------------------------------------------------------
+
+def discover(input_dir: Path, config: DiscoverConfig) -> list[Path]:
+    """Every regular file under input_dir, sorted; symlinks leaving the dir are skipped."""
+    if not input_dir.is_dir():
+        raise ConfigError(f"--input {input_dir} is not a directory")
+    root = input_dir.resolve()
+    pattern = "**/*" if config.recursive else "*"
+    files = []
+    for path in sorted(input_dir.glob(pattern)):
+        rel = path.relative_to(input_dir)
+        if not config.include_hidden and any(p.startswith(".") for p in rel.parts):
+            continue
+        if path.is_file() and path.resolve().is_relative_to(root):
+            files.append(path)
+    return files
+
+
+def ingest(files: list[Path], ctx: RunContext) -> tuple[list[dict[str, Any]], list[dict]]:
+    """Hash every file; identical bytes are one source (the rest: exact_duplicate).
+
+    Returns (source rows for the partitions, ingest ledger rows).
+    """
+    rows, ledger, seen = [], [], {}
+    for path in files:
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            entry = LedgerEntry(item_id=hash_of("unreadable", str(path)), item_kind="source",
+                                decision="error", reason="unreadable_file",
+                                details={"path": str(path)}, error_type=type(exc).__name__,
+                                error_message=str(exc))
+        else:
+            size = path.stat().st_size
+            details = {"path": str(path), "size_bytes": size}
+            if digest in seen:
+                entry = LedgerEntry(item_id=digest, item_kind="source", source_id=digest,
+                                    decision="drop", reason="exact_duplicate",
+                                    scores={"exact_duplicate": 1.0},
+                                    details={**details, "duplicate_of": seen[digest]})
+            else:
+                seen[digest] = str(path)
+                entry = LedgerEntry(item_id=digest, item_kind="source", source_id=digest,
+                                    decision="keep", reason="ok",
+                                    scores={"exact_duplicate": 0.0}, details=details)
+                rows.append({"item_id": digest, "source_id": digest, "item_kind": "source",
+                             "path": str(path.resolve()), "size_bytes": size})
+        ledger.append(entry.to_row(run_id=ctx.run_id, stage=INGEST.name, stage_index=0,
+                                   stage_version=INGEST.version, config_hash="ingest",
+                                   policy_hash=ctx.policy.policy_hash,
+                                   code_version=ctx.code_version))
+    return rows, ledger
+
+
+def partitions(sources: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    """Deterministic groups of sources (sorted by id); a group's id hashes its members."""
+    ordered = sorted(sources, key=lambda r: r["source_id"])
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
+def partition_id(group: list[dict[str, Any]]) -> str:
+    return hash_of("partition", [r["source_id"] for r in group], length=16)
+
+
+# ---------------------------------------------------------------------------
+# per-partition Ray Data plan
+# ---------------------------------------------------------------------------
+
+def run_context(loaded: LoadedConfig, run: RunDir, run_id: str, stage_index: int = 0
+                ) -> RunContext:
+    return RunContext(run_id=run_id, run_dir=str(run.root), policy=loaded.policy,
+                      code_version=code_version(), stage_index=stage_index)
+
+
+def process_partition(group: list[dict[str, Any]], loaded: LoadedConfig, run: RunDir,
+                      run_id: str) -> dict[str, Any]:
+    """Run every per-video stage over one partition and write its outputs atomically."""
+    import ray.data
+
+    pid = partition_id(group)
+    ds = ray.data.from_arrow(pa.Table.from_pylist(group))
+    for index, stage_cls in enumerate(PARTITION_STAGES, start=1):
+        ctx = run_context(loaded, run, run_id, stage_index=index)
+        ds = apply_stage(ds, stage_cls, loaded.config.stage_config(stage_cls), ctx)
+    rows = ds.drop_columns(["frames"]).take_all()
+    ledger = ledger_rows_of(rows)
+    items = sorted(({k: v for k, v in r.items() if k not in NOT_STORED} for r in rows
+                    if r.get("item_kind") == "clip"), key=lambda r: r["item_id"])
+    out_dir = run.partition_dir(pid)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if items:
+        pq.write_table(pa.Table.from_pylist(items), out_dir / "clips.parquet.tmp")
+        (out_dir / "clips.parquet.tmp").replace(out_dir / "clips.parquet")
+    write_ledger(ledger, run.ledger_dir / f"part-{pid}.parquet")
+    kept = sum(1 for r in rows if r.get("item_kind") == "clip" and r["_decision"] == "keep")
+    summary = {"partition_id": pid, "sources": len(group), "clip_rows": len(items),
+               "clips_kept": kept, "ledger_rows": len(ledger)}
+    write_atomic(out_dir / "_SUCCESS", yaml.safe_dump(summary).encode())
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# global dedup
+# ---------------------------------------------------------------------------
+
+def load_partition_items(run: RunDir, partition_ids: list[str]) -> list[dict[str, Any]]:
+    """Clip rows of the given partitions, sorted by id."""
+    items: list[dict[str, Any]] = []
+    for pid in partition_ids:
+        path = run.partition_dir(pid) / "clips.parquet"
+        if path.exists():
+            items.extend(pq.read_table(path).to_pylist())
+    return sorted(items, key=lambda r: r["item_id"])
+
+
+def run_dedup(loaded: LoadedConfig, run: RunDir, run_id: str,
+              partition_ids: list[str]) -> dict[str, Any]:
+    """Score every surviving clip against better ones; the policy decides; write outputs."""
+    items = load_partition_items(run, partition_ids)
+    survivors = [r for r in items if r["_decision"] == "keep"]
+    index = len(PARTITION_STAGES) + 1
+    ctx = run_context(loaded, run, run_id, stage_index=index)
+    config_hash = hash_of(DEDUP.name, DEDUP.version, loaded.config.dedup.model_dump(mode="json"),
+                          length=16)
+    ledger, kept = [], []
+    for row, (scores, details) in zip(survivors, dedup_decisions(survivors, loaded.config.dedup),
+                                      strict=True):
+        decision, reason = loaded.policy.decide(DEDUP.name, scores)
+        entry = LedgerEntry(item_id=row["item_id"], item_kind="clip", parent_id=row["parent_id"],
+                            source_id=row["source_id"], decision=decision, reason=reason,
+                            scores=scores, thresholds=loaded.policy.thresholds(DEDUP.name),
+                            details=details)
+        ledger.append(entry.to_row(run_id=run_id, stage=DEDUP.name, stage_index=index,
+                                   stage_version=DEDUP.version, config_hash=config_hash,
+                                   policy_hash=ctx.policy.policy_hash,
+                                   code_version=ctx.code_version))
+        if decision == "keep":
+            kept.append({k: v for k, v in row.items() if k != "_decision"})
+    write_ledger(ledger, run.ledger_dir / "dedup.parquet")
+    run.outputs_dir.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(kept) if kept else pa.table({"item_id": pa.array([], pa.string())})
+    tmp = run.outputs_dir / "clips.parquet.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(run.outputs_dir / "clips.parquet")
+    return {"clips_in": len(survivors), "clips_kept": len(kept)}
+
+
+def prune_stale_ledger(run: RunDir, partition_ids: list[str]) -> None:
+    """Remove ledger files of partitions no longer in this run's input set."""
+    wanted = {f"part-{pid}.parquet" for pid in partition_ids}
+    for path in run.ledger_dir.glob("part-*.parquet"):
+        if path.name not in wanted:
+            path.unlink()
+
+
+def read_run_ledger(run: RunDir) -> pa.Table:
+    return read_ledger(run.ledger_dir)
