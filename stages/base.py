@@ -121,7 +121,7 @@ class Stage(ABC):
         return None, None
 
     # ---- lifecycle ------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 - optional hook, most rule stages load nothing
         """Load models once per worker. Missing models must fail here, clearly."""
 
     def ensure_setup(self) -> None:
@@ -221,7 +221,8 @@ class Stage(ABC):
         """A row that is no longer kept passes through untouched (children schema for expand)."""
         if self.kind == "expand":
             return {"item_id": row["item_id"], "source_id": row.get("source_id"),
-                    "item_kind": row.get("item_kind"), DECISION_COLUMN: row[DECISION_COLUMN], LEDGER_COLUMN: carried}
+                    "item_kind": row.get("item_kind"), DECISION_COLUMN: row[DECISION_COLUMN],
+                    LEDGER_COLUMN: carried}
         return row
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:

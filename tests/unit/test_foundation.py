@@ -67,7 +67,7 @@ def test_policy_decides_from_scores_with_reason_codes() -> None:
 
 
 def test_policy_rule_without_score_is_a_stage_bug() -> None:
-    with pytest.raises(KeyError, match="quality.clarity"):
+    with pytest.raises(KeyError, match=r"quality\.clarity"):
         _policy().decide("quality", {"instability": 0.1})
 
 
