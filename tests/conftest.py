@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# Prefect keeps its embedded server's database under PREFECT_HOME: one per test session.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="weft-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 from weft.assets import AssetUnavailableError, fetch
 from weft.schemas.policy import Policy

@@ -1,0 +1,229 @@
+"""The video flow end to end on real media: Ray + Prefect, ledger, cache, refusal, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from weft.pipelines import video
+from weft.schemas.ledger import check_invariant, read_ledger
+from weft.schemas.run_dir import ConfigMismatchError, RunDir
+
+pytestmark = pytest.mark.integration
+
+
+def _make_inputs(root: Path, asset, ffmpeg) -> dict[str, Path]:
+    """Real videos, an exact copy, and every kind of bad input the issue names."""
+    root.mkdir(parents=True, exist_ok=True)
+    bikes = asset("bikes.mp4")
+    files = {
+        "bikes": root / "bikes.mp4",
+        "bikes_copy": root / "copies" / "bikes_again.mp4",
+        "megamind": root / "Megamind.avi",
+        "megamind_bugy": root / "Megamind_bugy.avi",
+        "zero": root / "empty.mp4",
+        "truncated": root / "truncated.mp4",
+        "random": root / "random.mp4",
+        "wrong_ext": root / "bikes_really.avi",
+    }
+    files["bikes_copy"].parent.mkdir(exist_ok=True)
+    data = bikes.read_bytes()
+    files["bikes"].write_bytes(data)
+    files["bikes_copy"].write_bytes(data)
+    files["megamind"].write_bytes(asset("Megamind.avi").read_bytes())
+    files["megamind_bugy"].write_bytes(asset("Megamind_bugy.avi").read_bytes())
+    files["zero"].write_bytes(b"")
+    files["truncated"].write_bytes(data[: len(data) * 2 // 5])
+    files["random"].write_bytes(os.urandom(300_000))
+    # A real video in a different container, with the wrong extension.
+    ffmpeg("-i", str(bikes), "-t", "3", "-c:v", "libx264", "-an", "-f", "mp4",
+           str(root / "tmp.mp4"))
+    (root / "tmp.mp4").rename(files["wrong_ext"])
+    return files
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    from weft.stages.video.open_clip_model import save_tiny_open_clip
+
+    out = tmp_path_factory.mktemp("tiny-clip")
+    save_tiny_open_clip(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def flow_setup(tmp_path_factory, asset, ffmpeg, tiny_clip_dir) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("video-flow")
+    inputs = _make_inputs(root / "inputs", asset, ffmpeg)
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "partition_size": 2,
+        "embed": {"model_dir": str(tiny_clip_dir)},
+        "ray": {"progress_bars": False},
+    }))
+    from weft.flows import video_flow
+
+    run_dir = root / "run"
+    started = time.perf_counter()
+    result = video_flow(input_dir=str(root / "inputs"), run_dir=str(run_dir),
+                        config_path=str(config))
+    return {"root": root, "inputs": inputs, "config": config, "run_dir": run_dir,
+            "result": result, "seconds": time.perf_counter() - started}
+
+
+def _ledger_rows(run_dir: Path) -> list[dict[str, Any]]:
+    rows = read_ledger(run_dir / "ledger").to_pylist()
+    for r in rows:
+        r.pop("elapsed_ms")
+    return sorted(rows, key=lambda r: (r["stage_index"], r["item_id"], r["details"]))
+
+
+def _by_stage(rows: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
+    return [r for r in rows if r["stage"] == stage]
+
+
+def test_every_input_is_accounted_for_and_invariant_holds(flow_setup) -> None:
+    run = RunDir(flow_setup["run_dir"])
+    manifest = run.manifest()
+    plan = [video.StagePlan(**p) for p in manifest["plan"]]
+    funnel = check_invariant(read_ledger(run.ledger_dir), plan, n_inputs=8)
+    by = {r.stage: r for r in funnel}
+    assert by["ingest"].items_in == 8
+    assert by["ingest"].drop_reasons == {"exact_duplicate": 1}
+    assert by["probe"].items_in == 7
+    assert by["probe"].kept == 3  # bikes, Megamind, Megamind_bugy
+    assert by["clips"].kept >= 6
+    assert by["dedup"].items_in >= 4
+    for r in funnel:
+        assert r.items_in == r.kept + r.dropped + r.errored
+    assert (run.summary_dir / "funnel.md").read_text().count("|") > 20
+
+
+def _names(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """source id -> file name, from the ingest rows."""
+    return {r["item_id"]: Path(json.loads(r["details"])["path"]).name
+            for r in _by_stage(rows, "ingest") if r["decision"] == "keep"}
+
+
+def test_bad_inputs_get_error_rows_with_reasons(flow_setup) -> None:
+    rows = _ledger_rows(flow_setup["run_dir"])
+    name_of = _names(rows)
+    probe = _by_stage(rows, "probe")
+    assert len(probe) == 7
+    reasons = {name_of[r["item_id"]]: r["reason"] for r in probe if r["decision"] == "error"}
+    assert reasons.get("empty.mp4") == "empty_file", reasons
+    assert reasons.get("truncated.mp4") in {"truncated", "unreadable"}, reasons
+    assert reasons.get("random.mp4") in {"not_a_video", "unreadable"}, reasons
+    assert reasons.get("bikes_really.avi") == "extension_mismatch", reasons
+    assert set(reasons) == {"empty.mp4", "truncated.mp4", "random.mp4", "bikes_really.avi"}
+    for r in probe:
+        if r["decision"] == "error":
+            assert r["error_type"] and r["error_message"]
+
+
+def test_megamind_reencode_clips_are_marked_duplicates(flow_setup) -> None:
+    rows = _ledger_rows(flow_setup["run_dir"])
+    name_of = _names(rows)
+    dedup = _by_stage(rows, "dedup")
+    dropped = [r for r in dedup if r["decision"] == "drop"]
+    assert dropped
+    dup_sources = {name_of[r["source_id"]] for r in dropped}
+    assert dup_sources <= {"Megamind.avi", "Megamind_bugy.avi"}, dup_sources
+    clip_source = {r["item_id"]: name_of[r["source_id"]] for r in dedup}
+    for r in dropped:  # each duplicate points at a clip of the other Megamind file
+        other = clip_source[json.loads(r["details"])["duplicate_of"]]
+        assert {other, name_of[r["source_id"]]} == {"Megamind.avi", "Megamind_bugy.avi"}
+    bikes = [r for r in dedup if name_of[r["source_id"]] == "bikes.mp4"]
+    assert bikes and all(r["decision"] == "keep" for r in bikes)
+
+
+def test_outputs_written_for_kept_clips(flow_setup) -> None:
+    run_dir = flow_setup["run_dir"]
+    table = pq.read_table(run_dir / "outputs" / "clips.parquet").to_pylist()
+    assert table
+    kept_ids = {r["item_id"] for r in _by_stage(_ledger_rows(run_dir), "dedup")
+                if r["decision"] == "keep"}
+    assert {r["item_id"] for r in table} == kept_ids
+    for r in table:  # paths are relative to the run directory, so a run can move
+        assert (run_dir / r["clip_path"]).is_file()
+        assert 1 <= len(r["keyframe_paths"]) <= 4
+        assert all((run_dir / p).is_file() for p in r["keyframe_paths"])
+        assert r["crop_w"] > 0 and r["crop_h"] > 0
+
+
+def test_rerun_with_same_config_recomputes_nothing(flow_setup) -> None:
+    from weft.flows import video_flow
+
+    run_dir = flow_setup["run_dir"]
+    before = _ledger_rows(run_dir)
+    mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")}
+    result = video_flow(input_dir=str(flow_setup["root"] / "inputs"), run_dir=str(run_dir),
+                        config_path=str(flow_setup["config"]))
+    assert [p["state"] for p in result["partitions"]] == ["Cached"] * len(result["partitions"])
+    assert result["dedup"]["state"] == "Cached"
+    assert _ledger_rows(run_dir) == before
+    changed = [p for p, m in mtimes.items()
+               if p.exists() and p.stat().st_mtime_ns != m and "ingest" not in p.name]
+    assert not changed
+
+
+def test_changed_config_is_refused_for_existing_run_dir(flow_setup, tmp_path) -> None:
+    from weft.flows import video_flow
+
+    changed = tmp_path / "changed.yaml"
+    cfg = yaml.safe_load(flow_setup["config"].read_text())
+    cfg["clips"] = {"analysis_fps": 2.0}
+    changed.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigMismatchError, match=r"clips\.analysis_fps: 4\.0 -> 2\.0"):
+        video_flow(input_dir=str(flow_setup["root"] / "inputs"),
+                   run_dir=str(flow_setup["run_dir"]), config_path=str(changed))
+
+
+def _digest_tree(run_dir: Path) -> dict[str, str]:
+    out = {}
+    for sub in ("clips", "keyframes"):
+        for p in sorted((run_dir / sub).rglob("*")):
+            if p.is_file():
+                out[str(p.relative_to(run_dir))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_killed_run_resumes_to_the_same_output_set(flow_setup, tmp_path) -> None:
+    run_dir = tmp_path / "killed-run"
+    cmd = [sys.executable, "-m", "weft.cli", "video", "--input",
+           str(flow_setup["root"] / "inputs"), "--run-dir", str(run_dir),
+           "--config", str(flow_setup["config"])]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if list((run_dir / "partitions").glob("*/_SUCCESS")):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.parent.name for p in (run_dir / "partitions").glob("*/_SUCCESS"))
+    assert 1 <= len(done_before) < 3
+    marker_mtimes = {p: p.stat().st_mtime_ns for p in (run_dir / "partitions").glob("*/_SUCCESS")}
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # finished partitions were not redone
+    for p, m in marker_mtimes.items():
+        assert p.stat().st_mtime_ns == m
+    assert _ledger_rows(run_dir) == _ledger_rows(flow_setup["run_dir"])
+    assert _digest_tree(run_dir) == _digest_tree(flow_setup["run_dir"])
+    assert pq.read_table(run_dir / "outputs" / "clips.parquet").equals(
+        pq.read_table(flow_setup["run_dir"] / "outputs" / "clips.parquet"))
