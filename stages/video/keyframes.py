@@ -5,12 +5,14 @@ the largest consecutive differences, so a clip with an event or a camera move
 shows it instead of four near-identical stills. JPEGs are written to
 `{run_dir}/keyframes/{item_id}/{k}.jpg` through a tmp file and a rename, with
 deterministic bytes, so a re-run rewrites the same files and a killed run never
-leaves a half-written one. Stills are cut from the analysis frames (the
+leaves a half-written one. `keyframe_paths` are relative to the run directory,
+so a run directory can move. Stills are cut from the analysis frames (the
 resolution the clips stage sampled at), not re-decoded from the source.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ class KeyframesConfig(StageConfig):
 def frame_changes(frames: np.ndarray, side: int = 64) -> np.ndarray:
     """Mean absolute grayscale difference between consecutive frames, in 0..1 (length N-1)."""
     small = [resize_short_side(to_gray(f), side).astype(np.float32) for f in frames]
-    return np.array([np.abs(b - a).mean() / 255.0 for a, b in zip(small, small[1:], strict=False)],
+    return np.array([np.abs(b - a).mean() / 255.0 for a, b in itertools.pairwise(small)],
                     dtype=np.float64)
 
 
@@ -70,6 +72,7 @@ class KeyframesStage(Stage):
     Config = KeyframesConfig
     input_columns = ("frames", "frame_times", "frame_scale", "crop_x", "crop_y", "crop_w",
                      "crop_h")
+    heavy_columns = ("frames",)  # a dropped clip does not carry its pixels on
     output_fields = KEYFRAME_FIELDS
     uses_model = False
 
@@ -81,12 +84,11 @@ class KeyframesStage(Stage):
             raise ItemError("bad_frames", f"{len(frames)} frames but {len(times)} frame_times")
         changes = frame_changes(frames, config.diff_side)
         chosen = choose_keyframes(changes, len(frames), config.num_keyframes)
-        out_dir = Path(self.ctx.run_dir) / "keyframes" / row["item_id"]
         paths: list[str] = []
         for k, index in enumerate(chosen):
-            path = out_dir / f"{k}.jpg"
-            write_jpeg(path, frames[index], config.jpeg_quality)
-            paths.append(str(path))
+            relative = f"keyframes/{row['item_id']}/{k}.jpg"
+            write_jpeg(Path(self.ctx.run_dir) / relative, frames[index], config.jpeg_quality)
+            paths.append(relative)
         scores = {"num_keyframes": len(chosen),
                   "mean_change": float(changes.mean()) if len(changes) else 0.0}
         details = {"frame_indices": chosen,

@@ -1,0 +1,38 @@
+"""Render a pydantic config's defaults as commented YAML.
+
+configs/*.yaml are generated from the models, and a test checks they still
+match, so every default a user can change is written out where they look.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+
+def _scalar(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def _render(model: BaseModel, data: dict[str, Any], indent: int) -> list[str]:
+    lines: list[str] = []
+    pad = "  " * indent
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if field.description:
+            lines.append(f"{pad}# {field.description}")
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            lines.extend(_render(value, data[name], indent + 1))
+        else:
+            lines.append(f"{pad}{name}: {_scalar(data[name])}")
+    return lines
+
+
+def render_defaults(model: BaseModel, header: str) -> str:
+    """YAML text of `model` with a header comment and one comment per described field."""
+    head = [f"# {line}".rstrip() for line in header.strip().splitlines()]
+    return "\n".join([*head, *_render(model, model.model_dump(mode="json"), 0)]) + "\n"
