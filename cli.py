@@ -17,9 +17,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 assets_app = typer.Typer(no_args_is_help=True, help="Fetch real sample media into the cache.")
 ledger_app = typer.Typer(no_args_is_help=True, help="Read a run's decision ledger.")
 models_app = typer.Typer(no_args_is_help=True, help="Build tiny local models for tests and demo.")
+config_app = typer.Typer(no_args_is_help=True, help="Show or regenerate the default configs.")
 app.add_typer(assets_app, name="assets")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(models_app, name="models")
+app.add_typer(config_app, name="config")
 console = Console()
 
 DEMO_VIDEOS = ["bikes.mp4", "cityCC0.mpg", "Megamind.avi", "Megamind_bugy.avi"]
@@ -126,6 +128,25 @@ def make_tiny_clip(out: Annotated[Path, typer.Option("--out")]) -> None:
 
     save_tiny_open_clip(out)
     console.print(f"tiny open_clip model saved to {out}")
+
+
+@config_app.command("defaults")
+def config_defaults(
+    pipeline: Annotated[str, typer.Argument(help="pipeline name: video")] = "video",
+    write: Annotated[bool, typer.Option("--write", help="rewrite configs/<pipeline>.yaml")] = False,
+) -> None:
+    """Print every default of a pipeline's config as commented YAML (or rewrite the file)."""
+    from weft.pipelines import video as video_pipeline
+
+    renderers = {"video": (video_pipeline.default_config_yaml, video_pipeline.DEFAULT_CONFIG)}
+    if pipeline not in renderers:
+        _fail(f"unknown pipeline {pipeline!r}; known: {', '.join(renderers)}")
+    render, path = renderers[pipeline]
+    if write:
+        path.write_text(render())
+        console.print(f"wrote {path}")
+    else:
+        sys.stdout.write(render())
 
 
 def main() -> None:  # pragma: no cover - console entry

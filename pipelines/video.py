@@ -24,6 +24,7 @@ import weft
 from weft.pipelines.ray_runtime import RayConfig, apply_stage
 from weft.schemas.ids import hash_of, sha256_file
 from weft.schemas.ledger import LedgerEntry, StagePlan, read_ledger, write_ledger
+from weft.schemas.config_doc import render_defaults
 from weft.schemas.policy import Policy
 from weft.schemas.run_dir import RunDir, write_atomic
 from weft.stages.base import LEDGER_COLUMN, RunContext, Stage, ledger_rows_of
@@ -80,6 +81,21 @@ class VideoPipelineConfig(BaseModel):
 
     def stage_config(self, stage_cls: type[Stage]) -> Any:
         return getattr(self, stage_cls.name)
+
+
+CONFIG_HEADER = """\
+weft video pipeline: every default, written out. Generated from the pydantic
+models by `weft config defaults video --write`; a test checks it still matches.
+Pass a YAML with only the keys you change: `weft video --config my.yaml`.
+Thresholds are not here: they live in the policy (configs/policies/video.yaml).
+Changing anything but `ray` and a stage's `resources` changes the config hash,
+so an existing run directory refuses the new config.
+"""
+
+
+def default_config_yaml() -> str:
+    """configs/video.yaml as the models define it (every default, commented)."""
+    return render_defaults(VideoPipelineConfig(), CONFIG_HEADER)
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,58 @@
+"""The video config: defaults written out, partial YAML merged, bad config refused at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from weft.pipelines import video
+
+
+def test_configs_video_yaml_matches_the_models() -> None:
+    """Every default a user can change is written out in configs/video.yaml."""
+    assert video.DEFAULT_CONFIG.read_text() == video.default_config_yaml(), (
+        "configs/video.yaml is stale: run `weft config defaults video --write`")
+
+
+def test_default_yaml_validates_to_the_model_defaults() -> None:
+    data = yaml.safe_load(video.default_config_yaml())
+    assert video.VideoPipelineConfig.model_validate(data) == video.VideoPipelineConfig()
+
+
+def test_partial_user_config_merges_over_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("clips:\n  analysis_fps: 2.0\n")
+    loaded = video.load_config(path)
+    assert loaded.config.clips.analysis_fps == 2.0
+    assert loaded.config.clips.rules.max_s == 10.0  # untouched default
+    assert loaded.config_hash != video.load_config().config_hash
+
+
+def test_resources_and_ray_do_not_change_the_config_hash(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("ray: {num_cpus: 8}\nshots: {resources: {concurrency: 3}}\n")
+    assert video.load_config(path).config_hash == video.load_config().config_hash
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("clips:\n  analysis_fpz: 2\n", r"clips\.analysis_fpz: Extra inputs"),
+    ("partition_size: 0\n", r"partition_size: Input should be greater than or equal to 1"),
+    ("shots: {detector: transnetv2, threshold: 3}\n", "probability"),
+    ("policy: nowhere.yaml\n", "invalid or missing policy"),
+    ("- a list\n", "must be a mapping"),
+    ("clips: [\n", "cannot read config"),
+])
+def test_bad_config_fails_with_one_clear_message(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(video.ConfigError, match=message):
+        video.load_config(path)
+
+
+def test_policy_for_an_unknown_stage_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("name: p\nversion: 1\nrules:\n  shotz: {num_shots: {min: 1}}\n")
+    (tmp_path / "c.yaml").write_text("policy: p.yaml\n")
+    with pytest.raises(video.ConfigError, match="unknown stages"):
+        video.load_config(tmp_path / "c.yaml")
