@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import weft
 from weft.pipelines.ray_runtime import RayConfig, apply_stage
+from weft.schemas.config_doc import render_defaults
 from weft.schemas.ids import hash_of, sha256_file
 from weft.schemas.ledger import LedgerEntry, StagePlan, read_ledger, write_ledger
-from weft.schemas.config_doc import render_defaults
 from weft.schemas.policy import Policy
 from weft.schemas.run_dir import RunDir, write_atomic
 from weft.stages.base import LEDGER_COLUMN, RunContext, Stage, ledger_rows_of

@@ -8,6 +8,7 @@ too short ones with a reason instead of losing them silently.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -83,5 +84,5 @@ def plan_clips(shots: list[tuple[int, int]], fps: float, num_frames: int,
         if pieces > 1 and duration / pieces < rules.min_piece_s:
             pieces = max(1, math.floor(duration / rules.min_piece_s))
         bounds = [start + round(i * (end - start) / pieces) for i in range(pieces + 1)]
-        out.extend(PlannedClip(a, b, fps, index) for a, b in zip(bounds, bounds[1:], strict=False))
+        out.extend(PlannedClip(a, b, fps, index) for a, b in itertools.pairwise(bounds))
     return out

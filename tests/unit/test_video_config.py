@@ -52,7 +52,8 @@ def test_bad_config_fails_with_one_clear_message(tmp_path: Path, text: str, mess
 
 
 def test_policy_for_an_unknown_stage_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "p.yaml").write_text("name: p\nversion: 1\nrules:\n  shotz: {num_shots: {min: 1}}\n")
+    (tmp_path / "p.yaml").write_text(
+        "name: p\nversion: 1\nrules:\n  shotz: {num_shots: {min: 1}}\n")
     (tmp_path / "c.yaml").write_text("policy: p.yaml\n")
     with pytest.raises(video.ConfigError, match="unknown stages"):
         video.load_config(tmp_path / "c.yaml")
