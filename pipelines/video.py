@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,10 +28,10 @@ from weft.schemas.ids import hash_of, sha256_file
 from weft.schemas.ledger import LedgerEntry, StagePlan, read_ledger, write_ledger
 from weft.schemas.policy import Policy
 from weft.schemas.run_dir import RunDir, write_atomic
-from weft.stages.base import LEDGER_COLUMN, RunContext, Stage, ledger_rows_of
+from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, RunContext, Stage, ledger_rows_of
 from weft.stages.video.clips import ClipsStage
 from weft.stages.video.crop import CropStage
-from weft.stages.video.dedup import DedupConfig, dedup_decisions
+from weft.stages.video.dedup import DedupConfig, dedup_entries
 from weft.stages.video.embed import EmbedStage
 from weft.stages.video.keyframes import KeyframesStage
 from weft.stages.video.probe import ProbeStage
@@ -40,6 +41,7 @@ from weft.stages.video.shots import ShotsStage
 PIPELINE = "video"
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "video.yaml"
+DEFAULT_POLICY = CONFIGS_DIR / "policies" / "video.yaml"
 PARTITION_STAGES: list[type[Stage]] = [
     ProbeStage, ShotsStage, ClipsStage, CropStage, QualityStage, KeyframesStage, EmbedStage,
 ]
@@ -265,6 +267,7 @@ def run_context(loaded: LoadedConfig, run: RunDir, run_id: str, stage_index: int
 def process_partition(group: list[dict[str, Any]], loaded: LoadedConfig, run: RunDir,
                       run_id: str) -> dict[str, Any]:
     """Run every per-video stage over one partition and write its outputs atomically."""
+    import ray
     import ray.data
 
     pid = partition_id(group)
@@ -272,18 +275,21 @@ def process_partition(group: list[dict[str, Any]], loaded: LoadedConfig, run: Ru
     for index, stage_cls in enumerate(PARTITION_STAGES, start=1):
         ctx = run_context(loaded, run, run_id, stage_index=index)
         ds = apply_stage(ds, stage_cls, loaded.config.stage_config(stage_cls), ctx)
-    rows = ds.drop_columns(["frames"]).take_all()
-    ledger = ledger_rows_of(rows)
-    items = sorted(({k: v for k, v in r.items() if k not in NOT_STORED} for r in rows
-                    if r.get("item_kind") == "clip"), key=lambda r: r["item_id"])
+    # Arrow end to end: python rows would lose the declared types (uint64 pHashes).
+    table = pa.concat_tables(ray.get(ds.drop_columns(["frames"]).to_arrow_refs()),
+                             promote_options="default")
+    ledger = ledger_rows_of(table.select([LEDGER_COLUMN]).to_pylist())
+    clips = table.filter(pc.equal(table["item_kind"], "clip"))
+    items = clips.drop_columns([c for c in NOT_STORED if c in clips.column_names]
+                               ).sort_by("item_id")
     out_dir = run.partition_dir(pid)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if items:
-        pq.write_table(pa.Table.from_pylist(items), out_dir / "clips.parquet.tmp")
+    if items.num_rows:
+        pq.write_table(items, out_dir / "clips.parquet.tmp")
         (out_dir / "clips.parquet.tmp").replace(out_dir / "clips.parquet")
     write_ledger(ledger, run.ledger_dir / f"part-{pid}.parquet")
-    kept = sum(1 for r in rows if r.get("item_kind") == "clip" and r["_decision"] == "keep")
-    summary = {"partition_id": pid, "sources": len(group), "clip_rows": len(items),
+    kept = pc.sum(pc.equal(clips[DECISION_COLUMN], "keep")).as_py() or 0
+    summary = {"partition_id": pid, "sources": len(group), "clip_rows": items.num_rows,
                "clips_kept": kept, "ledger_rows": len(ledger)}
     write_atomic(out_dir / "_SUCCESS", yaml.safe_dump(summary).encode())
     return summary
@@ -293,46 +299,38 @@ def process_partition(group: list[dict[str, Any]], loaded: LoadedConfig, run: Ru
 # global dedup
 # ---------------------------------------------------------------------------
 
-def load_partition_items(run: RunDir, partition_ids: list[str]) -> list[dict[str, Any]]:
-    """Clip rows of the given partitions, sorted by id."""
-    items: list[dict[str, Any]] = []
-    for pid in partition_ids:
-        path = run.partition_dir(pid) / "clips.parquet"
-        if path.exists():
-            items.extend(pq.read_table(path).to_pylist())
-    return sorted(items, key=lambda r: r["item_id"])
+def load_partition_items(run: RunDir, partition_ids: list[str]) -> pa.Table:
+    """Clip rows of the given partitions as one table, sorted by id (types as stored)."""
+    tables = [pq.read_table(path) for pid in partition_ids
+              if (path := run.partition_dir(pid) / "clips.parquet").exists()]
+    if not tables:
+        return pa.table({"item_id": pa.array([], pa.string()),
+                         DECISION_COLUMN: pa.array([], pa.string())})
+    return pa.concat_tables(tables, promote_options="default").sort_by("item_id")
 
 
 def run_dedup(loaded: LoadedConfig, run: RunDir, run_id: str,
               partition_ids: list[str]) -> dict[str, Any]:
     """Score every surviving clip against better ones; the policy decides; write outputs."""
     items = load_partition_items(run, partition_ids)
-    survivors = [r for r in items if r["_decision"] == "keep"]
+    survivors = items.filter(pc.equal(items[DECISION_COLUMN], "keep"))
     index = len(PARTITION_STAGES) + 1
     ctx = run_context(loaded, run, run_id, stage_index=index)
     config_hash = hash_of(DEDUP.name, DEDUP.version, loaded.config.dedup.model_dump(mode="json"),
                           length=16)
-    ledger, kept = [], []
-    for row, (scores, details) in zip(survivors, dedup_decisions(survivors, loaded.config.dedup),
-                                      strict=True):
-        decision, reason = loaded.policy.decide(DEDUP.name, scores)
-        entry = LedgerEntry(item_id=row["item_id"], item_kind="clip", parent_id=row["parent_id"],
-                            source_id=row["source_id"], decision=decision, reason=reason,
-                            scores=scores, thresholds=loaded.policy.thresholds(DEDUP.name),
-                            details=details)
-        ledger.append(entry.to_row(run_id=run_id, stage=DEDUP.name, stage_index=index,
-                                   stage_version=DEDUP.version, config_hash=config_hash,
-                                   policy_hash=ctx.policy.policy_hash,
-                                   code_version=ctx.code_version))
-        if decision == "keep":
-            kept.append({k: v for k, v in row.items() if k != "_decision"})
+    entries = dedup_entries(survivors.to_pylist(), loaded.policy, loaded.config.dedup)
+    ledger = [e.to_row(run_id=run_id, stage=DEDUP.name, stage_index=index,
+                       stage_version=DEDUP.version, config_hash=config_hash,
+                       policy_hash=ctx.policy.policy_hash, code_version=ctx.code_version)
+              for e in entries]
     write_ledger(ledger, run.ledger_dir / "dedup.parquet")
+    kept = survivors.filter(pa.array([e.decision == "keep" for e in entries], pa.bool_()))
+    kept = kept.drop_columns([DECISION_COLUMN])
     run.outputs_dir.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(kept) if kept else pa.table({"item_id": pa.array([], pa.string())})
     tmp = run.outputs_dir / "clips.parquet.tmp"
-    pq.write_table(table, tmp)
+    pq.write_table(kept, tmp)
     tmp.replace(run.outputs_dir / "clips.parquet")
-    return {"clips_in": len(survivors), "clips_kept": len(kept)}
+    return {"clips_in": survivors.num_rows, "clips_kept": kept.num_rows}
 
 
 def prune_stale_ledger(run: RunDir, partition_ids: list[str]) -> None:

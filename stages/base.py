@@ -16,6 +16,7 @@ filesystem and is exactly what the data saw.
 from __future__ import annotations
 
 import json
+import re
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -38,6 +39,15 @@ BOOKKEEPING_FIELDS = [
     pa.field(DECISION_COLUMN, pa.string()),
     pa.field(LEDGER_COLUMN, pa.list_(pa.string())),
 ]
+
+
+# Pointers that native libraries print ("[mov @ 0x55e3...]") differ run to run.
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+
+
+def stable_message(message: str) -> str:
+    """An error message without memory addresses, so a re-run's ledger is identical."""
+    return _ADDRESS.sub("0x…", message)
 
 
 class Resources(BaseModel):
@@ -170,7 +180,8 @@ class Stage(ABC):
             parent_id=row["item_id"] if expand else row.get("parent_id"),
             source_id=row.get("source_id"),
             decision="error", reason=reason, error_type=type(exc).__name__,
-            error_message=message[:2000], model_id=model_id, model_revision=revision,
+            error_message=stable_message(message)[:2000], model_id=model_id,
+            model_revision=revision,
         ))
 
     def _ledger_json(self, entry: LedgerEntry) -> str:

@@ -66,8 +66,16 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 def flow_setup(tmp_path_factory, asset, ffmpeg, tiny_clip_dir) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("video-flow")
     inputs = _make_inputs(root / "inputs", asset, ffmpeg)
+    # The tiny random-init CLIP exercises the embedding plumbing but has no semantics
+    # (every shot of one dark film embeds at cosine > 0.99), so this run's policy keeps
+    # the semantic score in the ledger without thresholding on it.
+    policy = yaml.safe_load(video.DEFAULT_POLICY.read_text())
+    del policy["rules"]["dedup"]["semantic_similarity"]
+    policy["name"] = "video-test-tiny-clip"
+    (root / "policy.yaml").write_text(yaml.safe_dump(policy))
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump({
+        "policy": str(root / "policy.yaml"),
         "partition_size": 2,
         "embed": {"model_dir": str(tiny_clip_dir)},
         "ray": {"progress_bars": False},

@@ -235,3 +235,16 @@ def test_run_dir_refuses_a_changed_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigMismatchError, match=r"nested.b: 2 -> 3"):
         run.claim(pipeline="video", config={"a": 1, "nested": {"b": 3}}, config_hash="h2",
                   run_id="r", plan=[], code_version="t")
+
+
+def test_error_messages_lose_native_pointers_so_reruns_match(run_context) -> None:
+    class Fails(Stage):
+        name, version, item_kind = "fails", "1", "source"
+
+        def process(self, row):
+            raise ItemError("unreadable", "[mov,mp4 @ 0x555eeadf3180] moov atom not found")
+
+    rows = Fails(None, run_context()).process_rows([{"item_id": "a", "source_id": "a"}])
+    (entry,) = ledger_rows_of(rows)
+    assert entry["decision"] == "error" and entry["reason"] == "unreadable"
+    assert entry["error_message"] == "[mov,mp4 @ 0x…] moov atom not found"
