@@ -22,7 +22,6 @@ and `overlay_area_fraction` (max). Everything leaves in SOURCE pixels.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -282,8 +281,8 @@ def sample_indices(n: int, k: int) -> list[int]:
 
 
 def detect_text_boxes(engine: OcrEngine, frames: np.ndarray, indices: Sequence[int],
-                      config: CropConfig | None = None) -> tuple[list[list[Rect]], float]:
-    """Axis-aligned text boxes (frame pixels) of each chosen frame, and ms per frame.
+                      config: CropConfig | None = None) -> list[list[Rect]]:
+    """Axis-aligned text boxes (frame pixels) of each chosen frame.
 
     Each frame is resized so its short side is `ocr_short_side`: small analysis
     frames are enlarged enough for the detector, big ones shrunk for speed.
@@ -293,7 +292,6 @@ def detect_text_boxes(engine: OcrEngine, frames: np.ndarray, indices: Sequence[i
     config = config or CropConfig()
     arr = _as_frames(frames)
     per_frame: list[list[Rect]] = []
-    started = time.perf_counter()
     for i in indices:
         boxes: list[Rect] = []
         per_frame.append(boxes)
@@ -315,8 +313,7 @@ def detect_text_boxes(engine: OcrEngine, frames: np.ndarray, indices: Sequence[i
             box = box.intersect(Rect(0, 0, w, h))
             if box.area > 0 and box.h <= config.max_text_height_fraction * h:
                 boxes.append(box)
-    elapsed_ms = (time.perf_counter() - started) * 1000 / max(1, len(indices))
-    return per_frame, elapsed_ms
+    return per_frame
 
 
 def _same_line(a: Rect, b: Rect, min_overlap: float) -> bool:
@@ -616,18 +613,18 @@ class CropStage(Stage):
             width, height = w, h
         text_boxes: list[Rect] = []
         transient: list[Rect] = []
-        ocr_ms = 0.0
         indices: list[int] = []
         if self._ocr is not None and min(h, w) >= self.config.ocr_min_frame_side:
             indices = sample_indices(len(frames), self.config.ocr_frames)
-            found, ocr_ms = detect_text_boxes(self._ocr, frames, indices, self.config)
+            found = detect_text_boxes(self._ocr, frames, indices, self.config)
             text_boxes, transient = text_regions(found, self.config.min_text_frames,
                                                  self.config.text_line_overlap)
         plan = plan_crop(frames, text_boxes, self.config, scale_x=sx, scale_y=sy,
                          source_size=(int(width), int(height)))
         r = plan.rect
         details = {
-            **plan.details(), "ocr_frames": indices, "ocr_ms_per_frame": round(ocr_ms, 1),
+            # Timing is in the row's elapsed_ms: details stay identical across re-runs.
+            **plan.details(), "ocr_frames": indices,
             # Seen in too few frames to be an overlay; kept for the auditor, not cropped.
             "transient_text_boxes": [b.to_source(sx, sy, int(width), int(height)).as_list()
                                      for b in transient],
