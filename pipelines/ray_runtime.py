@@ -7,6 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+import ray.data
 from pydantic import BaseModel, ConfigDict, Field
 
 from weft.stages.base import RunContext, Stage, StageConfig
@@ -73,6 +74,6 @@ def apply_stage(ds: ray.data.Dataset, stage_cls: type[Stage], config: StageConfi
     if stage_cls.uses_model:
         return ds.map_batches(StageActor, fn_constructor_kwargs={
             "stage_cls": stage_cls, "config": config, "ctx": ctx},
-            concurrency=res.concurrency, **common)
+            compute=ray.data.ActorPoolStrategy(size=res.concurrency), **common)
     return ds.map_batches(run_stage_task, fn_kwargs={
         "stage_cls": stage_cls, "config": config, "ctx": ctx}, **common)
