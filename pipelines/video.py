@@ -3,14 +3,18 @@
     ingest (hash, exact dedup of files)
       -> probe -> shots -> clips (expand) -> crop -> quality -> keyframes -> embed
       -> dedup (global: exact, perceptual, semantic)
+      -> caption_prep -> [VLM through the request cache] -> caption
 
 Ingest runs on the driver; the per-video stages run as one Ray Data plan per
 partition (a fixed group of sources), so a killed run redoes at most the
-partitions in flight; dedup runs once over every partition's survivors.
+partitions in flight; dedup runs once over every partition's survivors, and
+only the clips dedup keeps are captioned.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,16 @@ from weft.schemas.ledger import LedgerEntry, StagePlan, read_ledger, write_ledge
 from weft.schemas.policy import Policy
 from weft.schemas.run_dir import RunDir, write_atomic
 from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, RunContext, Stage, ledger_rows_of
+from weft.stages.infer.cache import RequestCache
+from weft.stages.infer.prompts import load_prompt
+from weft.stages.infer.registry import ModelRegistry, load_registry, model_revision
+from weft.stages.infer.runner import run_requests
+from weft.stages.video.caption import (
+    CaptionConfig,
+    CaptionPrepStage,
+    CaptionStage,
+    transition_requests,
+)
 from weft.stages.video.clips import ClipsStage
 from weft.stages.video.crop import CropStage
 from weft.stages.video.dedup import DedupConfig, dedup_entries
@@ -47,6 +61,7 @@ PARTITION_STAGES: list[type[Stage]] = [
 ]
 INGEST = StagePlan("ingest", "1", "map")
 DEDUP = StagePlan("dedup", "1", "map")
+CAPTION_STAGES: list[type[Stage]] = [CaptionPrepStage, CaptionStage]
 # Columns that never leave a partition (pixels) or are bookkeeping.
 NOT_STORED = ("frames", LEDGER_COLUMN)
 
@@ -61,6 +76,15 @@ class DiscoverConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     recursive: bool = True
     include_hidden: bool = False
+
+
+class InferenceConfig(BaseModel):
+    """Where answers of models are kept (not part of the config hash: it changes no output)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cache_path: str | None = Field(
+        None, description="request cache (sqlite); null = RUN_DIR/cache/requests.sqlite. "
+                          "Share one file across runs so no run pays twice for an answer")
 
 
 class VideoPipelineConfig(BaseModel):
@@ -80,6 +104,10 @@ class VideoPipelineConfig(BaseModel):
     keyframes: KeyframesStage.Config = Field(default_factory=KeyframesStage.Config)
     embed: EmbedStage.Config = Field(default_factory=EmbedStage.Config)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    models: str = Field("models.yaml", description="model registry, relative to this "
+                                                   "config's folder")
+    inference: InferenceConfig = Field(default_factory=lambda: InferenceConfig())
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
 
     def stage_config(self, stage_cls: type[Stage]) -> Any:
         return getattr(self, stage_cls.name)
@@ -115,6 +143,7 @@ class LoadedConfig(BaseModel):
 
     config: VideoPipelineConfig
     policy: Policy
+    registry: ModelRegistry
     resolved: dict[str, Any]
     config_hash: str
 
@@ -127,7 +156,7 @@ def load_config(path: str | Path | None = None,
     policy or model directory - raises ConfigError with one clear message.
     """
     data = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    base_dir = CONFIGS_DIR
+    base_dir = models_dir = CONFIGS_DIR
     if path is not None:
         path = Path(path)
         try:
@@ -139,6 +168,8 @@ def load_config(path: str | Path | None = None,
         data = _deep_merge(data, user)
         if "policy" in user:
             base_dir = path.parent
+        if "models" in user:
+            models_dir = path.parent
     data = _deep_merge(data, overrides or {})
     try:
         config = VideoPipelineConfig.model_validate(data)
@@ -152,22 +183,37 @@ def load_config(path: str | Path | None = None,
         policy = Policy.model_validate(yaml.safe_load(policy_path.read_text()))
     except (OSError, yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"invalid or missing policy {policy_path}: {exc}") from exc
-    unknown = set(policy.rules) - {s.name for s in PARTITION_STAGES} - {"dedup"}
+    registry_path = Path(os.path.expanduser(config.models))
+    if not registry_path.is_absolute():
+        registry_path = (models_dir / registry_path).resolve()
+    try:
+        registry = load_registry(registry_path)
+        caption_spec = registry.get(config.caption.model)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"caption.model: {exc}") from exc
+    stages = {s.name for s in (*PARTITION_STAGES, *CAPTION_STAGES)} | {DEDUP.name}
+    unknown = set(policy.rules) - stages
     if unknown:
         raise ConfigError(f"policy {policy_path} has rules for unknown stages: {sorted(unknown)}")
     resolved = config.model_dump(mode="json")
     resolved["policy"] = str(policy_path)
     resolved["policy_resolved"] = policy.model_dump(mode="json")
-    hashed = {k: v for k, v in resolved.items() if k not in ("ray", "policy")}
-    for stage in PARTITION_STAGES:  # resources change scheduling, not outputs
+    resolved["models"] = str(registry_path)
+    resolved["caption_model_resolved"] = caption_spec.model_dump(mode="json")
+    hashed = {k: v for k, v in resolved.items() if k not in ("ray", "policy", "models",
+                                                             "inference")}
+    hashed["caption_model_resolved"] = {k: v for k, v in hashed["caption_model_resolved"].items()
+                                        if k not in ("concurrency", "licence")}
+    for stage in (*PARTITION_STAGES, CaptionStage):  # resources change scheduling, not outputs
         hashed[stage.name] = {k: v for k, v in hashed[stage.name].items() if k != "resources"}
-    return LoadedConfig(config=config, policy=policy, resolved=resolved,
+    return LoadedConfig(config=config, policy=policy, registry=registry, resolved=resolved,
                         config_hash=hash_of(PIPELINE, hashed, length=16))
 
 
 def plan() -> list[StagePlan]:
     """The ledger's stage order for this pipeline."""
-    return [INGEST, *(StagePlan(s.name, s.version, s.kind) for s in PARTITION_STAGES), DEDUP]
+    return [INGEST, *(StagePlan(s.name, s.version, s.kind) for s in PARTITION_STAGES), DEDUP,
+            *(StagePlan(s.name, s.version, s.kind) for s in CAPTION_STAGES)]
 
 
 def code_version() -> str:
@@ -183,6 +229,11 @@ def preflight(loaded: LoadedConfig) -> None:
     if embed_dir is not None and not Path(embed_dir).is_dir():
         raise ConfigError(f"embed.model_dir {embed_dir} does not exist (make one with "
                           "`weft models make-tiny-clip` or point it at a real open_clip model)")
+    try:
+        loaded.registry.check(loaded.config.caption.model)
+        load_prompt(loaded.config.caption.prompt)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"caption: {exc}") from exc
     weights = getattr(loaded.config.shots, "weights_path", None)
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"shots.weights_path {weights} does not exist")
@@ -331,6 +382,84 @@ def run_dedup(loaded: LoadedConfig, run: RunDir, run_id: str,
     pq.write_table(kept, tmp)
     tmp.replace(run.outputs_dir / "clips.parquet")
     return {"clips_in": survivors.num_rows, "clips_kept": kept.num_rows}
+
+
+# ---------------------------------------------------------------------------
+# frame-transition captions over the clips dedup kept
+# ---------------------------------------------------------------------------
+
+CAPTION_INPUT_FIELDS = [
+    pa.field("item_id", pa.string()),  # the clip id
+    pa.field("parent_id", pa.string()),
+    pa.field("source_id", pa.string()),
+    pa.field("keyframe_paths", pa.list_(pa.string())),
+    pa.field("keyframe_times", pa.list_(pa.float64())),
+]
+CAPTION_INPUT_COLUMNS = tuple(f.name for f in CAPTION_INPUT_FIELDS)
+
+
+def caption_cache_path(loaded: LoadedConfig, run: RunDir) -> Path:
+    configured = loaded.config.inference.cache_path
+    return Path(os.path.expanduser(configured)) if configured else run.root / "cache" / \
+        "requests.sqlite"
+
+
+def _prepare_captions(clips: pa.Table, loaded: LoadedConfig, run: RunDir,
+                      run_id: str) -> list[dict[str, Any]]:
+    """caption_prep over the kept clips on Ray (CPU workers read and resize key frames)."""
+    import ray
+    import ray.data
+
+    if clips.num_rows == 0:
+        return []
+    table = clips.select(list(CAPTION_INPUT_COLUMNS)).append_column(
+        "item_kind", pa.array(["clip"] * clips.num_rows, pa.string()))
+    ctx = run_context(loaded, run, run_id, stage_index=len(PARTITION_STAGES) + 2)
+    ds = apply_stage(ray.data.from_arrow(table), CaptionPrepStage, loaded.config.caption, ctx)
+    prepared = pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
+    return sorted(prepared.to_pylist(), key=lambda r: r["item_id"])
+
+
+def run_captions(loaded: LoadedConfig, run: RunDir, run_id: str) -> dict[str, Any]:
+    """Caption every clip dedup kept; only cache misses reach the model. Writes outputs."""
+    config = loaded.config.caption
+    spec = loaded.registry.get(config.model)
+    revision = model_revision(spec)
+    prompt = load_prompt(config.prompt)
+    clips = pq.read_table(run.outputs_dir / "clips.parquet")
+    rows = _prepare_captions(clips, loaded, run, run_id)
+    per_row: dict[str, list[str]] = {}
+    requests = {}
+    for row in rows:
+        if row[DECISION_COLUMN] != "keep":
+            continue
+        keys = []
+        for request in transition_requests(row, prompt, config.sampling()):
+            key = request.key(config.model, revision)
+            requests[key] = request
+            keys.append(key)
+        per_row[row["item_id"]] = keys
+    with RequestCache(caption_cache_path(loaded, run)) as cache:
+        answers, stats = run_requests(requests, spec, config.model, revision, cache,
+                                      total=sum(len(k) for k in per_row.values()))
+    for row in rows:
+        row["caption_completions"] = [json.dumps(answers[k].to_json(), sort_keys=True)
+                                      for k in per_row.get(row["item_id"], [])]
+    stage = CaptionStage(config, run_context(loaded, run, run_id,
+                                             stage_index=len(PARTITION_STAGES) + 3))
+    stage.model_id, stage.model_revision, stage.prompt = config.model, revision, prompt
+    done = stage.process_rows(rows)
+    write_ledger(ledger_rows_of(done), run.ledger_dir / "caption.parquet")
+    kept = [r for r in done if r[DECISION_COLUMN] == "keep"]
+    schema = pa.schema([*CAPTION_INPUT_FIELDS, *stage.output_fields])
+    samples = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in kept],
+                                   schema=schema)
+    run.outputs_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run.outputs_dir / "captions.parquet.tmp"
+    pq.write_table(samples, tmp)
+    tmp.replace(run.outputs_dir / "captions.parquet")
+    return {"clips_in": len(rows), "samples": samples.num_rows, "model": config.model,
+            "model_revision": revision, "prompt": prompt.ref, **stats.as_dict()}
 
 
 def prune_stale_ledger(run: RunDir, partition_ids: list[str]) -> None:

@@ -42,3 +42,15 @@ def source_id(path: str | Path) -> str:
 def clip_id(source: str, start_s: float, end_s: float, splitter_version: str) -> str:
     """A clip's id: its source, its span to the millisecond, and the splitter version."""
     return hash_of("clip", source, round(start_s * 1000), round(end_s * 1000), splitter_version)
+
+
+def files_revision(paths: list[Path]) -> str:
+    """A model's revision: sha256 over (name, sha256) of its defining files, 16 hex digits.
+
+    Two runs that used different weights or configs never share a revision, and a
+    directory moved or copied elsewhere keeps it.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()[:16]

@@ -18,7 +18,6 @@ semantic threshold on it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from weft.schemas.ids import files_revision
 
 if TYPE_CHECKING:  # torch is imported only when a model is used
     import torch
@@ -50,14 +51,6 @@ class ModelDirError(FileNotFoundError):
     """The model directory is missing or incomplete (a start-up error, not an item error)."""
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_files(model_dir: str | Path) -> list[Path]:
     """The files that define the model: the config and every weights file, sorted by name."""
     root = Path(model_dir)
@@ -77,10 +70,7 @@ def model_files(model_dir: str | Path) -> list[Path]:
 
 def model_revision(model_dir: str | Path) -> str:
     """sha256 over (name, sha256) of the config and weight files, first 16 hex digits."""
-    digest = hashlib.sha256()
-    for path in model_files(model_dir):
-        digest.update(f"{path.name}\0{_sha256_file(path)}\n".encode())
-    return digest.hexdigest()[:16]
+    return files_revision(model_files(model_dir))
 
 
 @dataclass

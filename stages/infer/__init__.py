@@ -1,0 +1,1 @@
+"""Model inference: one backend protocol, three backends, a request cache."""
