@@ -37,7 +37,7 @@ def print_funnel(funnel: list[dict]) -> None:
     table = Table(title="funnel", show_lines=False)
     for col in ("stage", "in", "kept", "dropped", "errors", "drop reasons", "error reasons"):
         table.add_column(col, justify="right" if col in ("in", "kept", "dropped", "errors")
-                         else "left")
+                         else "left", overflow="fold")
     for r in funnel:
         table.add_row(r["stage"], str(r["items_in"]), str(r["kept"]), str(r["dropped"]),
                       str(r["errored"]),
@@ -70,15 +70,26 @@ def video(
     except (ConfigError, ConfigMismatchError) as exc:
         _fail(str(exc))
     print_funnel(result["funnel"])
+    cap = result["caption"]
+    console.print(f"captions: {cap['samples']} samples from {cap['clips_in']} clips; "
+                  f"{cap['requests']} requests, {cap['cache_hits']} from the cache, "
+                  f"{cap['model_calls']} model calls ({cap['model']}@{cap['model_revision']})")
     console.print(f"run {result['run_id']}: outputs in {result['run_dir']}")
 
 
 @app.command()
 def demo(
     run_dir: Annotated[Path, typer.Option("--run-dir")] = Path("runs/demo"),
+    models_dir: Annotated[Path, typer.Option("--models-dir", help="where tiny models are "
+                                             "built")] = Path("~/.cache/weft/models/tiny"),
 ) -> None:
-    """Fetch sample videos and run the demo curation flow with embedded defaults."""
+    """Fetch sample videos, build tiny models, and run the demo flow to captions."""
+    import yaml
+
     from weft.assets import fetch
+    from weft.pipelines.video import CONFIGS_DIR
+    from weft.stages.infer.tiny_models import make_tiny_models
+    from weft.stages.video.open_clip_model import save_tiny_open_clip
 
     inputs = run_dir.parent / f"{run_dir.name}-inputs"
     inputs.mkdir(parents=True, exist_ok=True)
@@ -88,7 +99,24 @@ def demo(
         if not dst.exists():
             shutil.copyfile(src, dst)
         console.print(f"input {dst} ({dst.stat().st_size:,} bytes)")
-    video(input=inputs, run_dir=run_dir, config=None)
+    models_dir = models_dir.expanduser().resolve()
+    tiny = make_tiny_models(models_dir)
+    clip_dir = models_dir / "open_clip"
+    if not (clip_dir / "open_clip_config.json").exists():
+        save_tiny_open_clip(clip_dir)
+    console.print(f"tiny models (random weights, no semantics) in {models_dir}")
+    registry = run_dir.parent / f"{run_dir.name}-models.yaml"
+    registry.write_text(yaml.safe_dump({"models": {
+        "caption-vlm": {"path": str(tiny["qwen2_5_vl"]), "kind": "vlm"},
+        "filter-llm": {"path": str(tiny["qwen2_5"]), "kind": "llm"}}}))
+    config = run_dir.parent / f"{run_dir.name}-config.yaml"
+    config.write_text(yaml.safe_dump({
+        # Tiny random models: the policy records their scores without deciding on them.
+        "policy": str(CONFIGS_DIR / "policies" / "video-tiny-models.yaml"),
+        "models": str(registry.resolve()),
+        "embed": {"model_dir": str(clip_dir)},
+    }, sort_keys=False))
+    video(input=inputs, run_dir=run_dir, config=config)
 
 
 @assets_app.command("fetch")

@@ -9,12 +9,19 @@ vLLM cannot be installed on the CPU machines this project is developed on:
 `build_vllm_processor` imports it lazily and fails with a clear message where
 it is missing; the code is written against Ray Data LLM's public API
 (`vLLMEngineProcessorConfig` + `build_processor`).
+
+The HTTP path is tested against `transformers serve` (tests/integration/
+test_http_backend.py). A server that cannot be reached makes Ray Data raise a
+multi-page error with every payload in it; `http_backend_error` turns that into
+one line naming the URL and the cause.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -78,8 +85,55 @@ def build_vllm_processor(spec: ModelSpec) -> Any:
     return build_processor(config, preprocess=preprocess, postprocess=postprocess)
 
 
+class HttpBackendError(RuntimeError):
+    """Requests to an OpenAI-compatible server failed as a whole (unreachable, timed out...)."""
+
+
+# "module.SomeError: message" lines of the tracebacks Ray folds into its error text.
+_CAUSE_LINE = re.compile(r"^\s*((?:\w+\.)*\w+(?:Error|Exception|Timeout)\w*): (.+)$", re.M)
+_PREVIOUS = re.compile(r"Previous Exception: (\w+)")
+
+
+def http_backend_error(spec: ModelSpec, exc: BaseException) -> HttpBackendError:
+    """One readable line for a Ray Data failure of the HTTP processor.
+
+    Ray's text holds whole tracebacks and, in Ray Data LLM's retry message, each
+    failed payload (images as data URLs): only the innermost cause is kept.
+    """
+    text = str(exc)
+    causes = [f"{name.rsplit('.', 1)[-1]}: {message.strip()}"
+              for name, message in _CAUSE_LINE.findall(text)
+              if not name.startswith("ray.") and not message.startswith("Reached maximum retries")]
+    previous = _PREVIOUS.findall(text)
+    cause = causes[-1] if causes else previous[-1] if previous else type(exc).__name__
+    if len(cause) > 300:
+        cause = cause[:300] + "..."
+    return HttpBackendError(
+        f"backend 'http': requests to {spec.http.url} failed ({cause}) after "
+        f"{spec.http.max_retries} retries with a {spec.http.timeout_s:g}s timeout; is the server "
+        f"running, serving {spec.http.served_model or str(spec.local_path)!r}, and reachable "
+        f"from the Ray workers?")
+
+
+def _payload_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI sampling fields for a request's sampling dict (after the spec's max_tokens cap)."""
+    payload = {"max_tokens": sampling["max_tokens"], "temperature": sampling["temperature"],
+               "top_p": sampling["top_p"], "seed": sampling["seed"]}
+    if sampling["repetition_penalty"] == 1.0:
+        # OpenAI's neutral value. `transformers serve` maps it to repetition_penalty=1.0, so a
+        # model whose generation_config sets a penalty (Qwen2.5: 1.05) decodes as the
+        # transformers backend does instead of with that hidden default.
+        payload["frequency_penalty"] = 0.0
+    else:
+        # vLLM / SGLang extension; a server without it rejects the request (an error
+        # completion) rather than silently decoding without the penalty.
+        payload["repetition_penalty"] = sampling["repetition_penalty"]
+    return payload
+
+
 def build_http_processor(spec: ModelSpec) -> Any:
     """A Ray Data LLM processor posting to an OpenAI-compatible chat completions endpoint."""
+    import aiohttp
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
     headers = {"Content-Type": "application/json"}
@@ -88,17 +142,19 @@ def build_http_processor(spec: ModelSpec) -> Any:
         if not token:
             raise RuntimeError(f"{spec.http.api_key_env} is not set (api key for {spec.http.url})")
         headers["Authorization"] = f"Bearer {token}"
+    # Ray Data LLM's aiohttp session has no timeout of its own but aiohttp's 5 minutes.
+    session_factory = functools.partial(
+        aiohttp.ClientSession, timeout=aiohttp.ClientTimeout(total=spec.http.timeout_s))
     config = HttpRequestProcessorConfig(
         url=spec.http.url, headers=headers, qps=spec.http.qps, batch_size=spec.batch_size,
-        concurrency=spec.concurrency, max_retries=spec.http.max_retries)
+        concurrency=spec.concurrency, max_retries=spec.http.max_retries,
+        session_factory=session_factory)
     served = spec.http.served_model or str(spec.local_path)
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
         request = json.loads(row["request"])
-        sampling = _sampling_dict(request, spec)
         payload = {"model": served, "messages": _openai_messages(row),
-                   "max_tokens": sampling["max_tokens"], "temperature": sampling["temperature"],
-                   "top_p": sampling["top_p"], "seed": sampling["seed"], "stream": False}
+                   **_payload_sampling(_sampling_dict(request, spec)), "stream": False}
         return {"request_key": row["request_key"], "payload": payload,
                 "sent_at": time.time()}
 

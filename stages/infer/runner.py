@@ -111,8 +111,13 @@ class InferenceStats:
 def run_requests(requests: dict[str, ChatRequest], spec: ModelSpec, model_id: str,
                  revision: str, cache: RequestCache, total: int | None = None
                  ) -> tuple[dict[str, Completion], InferenceStats]:
-    """Answer every request (key -> request), asking the model only for cache misses."""
+    """Answer every request (key -> request), asking the model only for cache misses.
+
+    With `backend: http`, a server that cannot be reached (or times out) raises
+    `HttpBackendError` with one readable line; nothing is cached then.
+    """
     import ray.data
+    import ray.exceptions
 
     stats = InferenceStats(requests=total if total is not None else len(requests),
                            unique=len(requests))
@@ -124,7 +129,14 @@ def run_requests(requests: dict[str, ChatRequest], spec: ModelSpec, model_id: st
                                      schema=REQUEST_SCHEMA)
         ds = ray.data.from_arrow(table).repartition(
             max(1, min(len(misses) // spec.batch_size, 4 * spec.concurrency)))
-        rows = infer_dataset(ds, spec, model_id).take_all()
+        try:
+            rows = infer_dataset(ds, spec, model_id).take_all()
+        except ray.exceptions.RayError as exc:
+            if spec.backend != "http":
+                raise
+            from weft.stages.infer.ray_llm import http_backend_error
+
+            raise http_backend_error(spec, exc) from None  # Ray's text holds every payload
         fresh = {r["request_key"]: Completion.from_json(json.loads(r["completion"]))
                  for r in rows}
         lost = set(misses) - set(fresh)

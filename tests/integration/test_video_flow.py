@@ -63,19 +63,27 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def flow_setup(tmp_path_factory, asset, ffmpeg, tiny_clip_dir) -> dict[str, Any]:
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from weft.stages.infer.tiny_models import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="module")
+def flow_setup(tmp_path_factory, asset, ffmpeg, tiny_clip_dir, tiny_models) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("video-flow")
     inputs = _make_inputs(root / "inputs", asset, ffmpeg)
-    # The tiny random-init CLIP exercises the embedding plumbing but has no semantics
-    # (every shot of one dark film embeds at cosine > 0.99), so this run's policy keeps
-    # the semantic score in the ledger without thresholding on it.
-    policy = yaml.safe_load(video.DEFAULT_POLICY.read_text())
-    del policy["rules"]["dedup"]["semantic_similarity"]
-    policy["name"] = "video-test-tiny-clip"
-    (root / "policy.yaml").write_text(yaml.safe_dump(policy))
+    (root / "models.yaml").write_text(yaml.safe_dump({"models": {
+        "caption-vlm": {"path": str(tiny_models["qwen2_5_vl"]), "kind": "vlm",
+                        "batch_size": 4}}}))
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump({
-        "policy": str(root / "policy.yaml"),
+        # The tiny random models' semantic and caption-quality scores mean nothing;
+        # this policy keeps them in the ledger without deciding on them.
+        "policy": str(video.CONFIGS_DIR / "policies" / "video-tiny-models.yaml"),
+        "models": str(root / "models.yaml"),
+        # One request cache for every run of this module: no run pays twice.
+        "inference": {"cache_path": str(root / "requests.sqlite")},
         "partition_size": 2,
         "embed": {"model_dir": str(tiny_clip_dir)},
         "ray": {"progress_bars": False},
@@ -235,3 +243,53 @@ def test_killed_run_resumes_to_the_same_output_set(flow_setup, tmp_path) -> None
     assert _digest_tree(run_dir) == _digest_tree(flow_setup["run_dir"])
     assert pq.read_table(run_dir / "outputs" / "clips.parquet").equals(
         pq.read_table(flow_setup["run_dir"] / "outputs" / "clips.parquet"))
+
+
+def test_kept_clips_are_captioned_as_interleaved_samples(flow_setup) -> None:
+    run_dir = flow_setup["run_dir"]
+    caption = flow_setup["result"]["caption"]
+    clips = pq.read_table(run_dir / "outputs" / "clips.parquet").to_pylist()
+    samples = pq.read_table(run_dir / "outputs" / "captions.parquet").to_pylist()
+    rows = _ledger_rows(run_dir)
+    assert caption["clips_in"] == len(clips) and caption["samples"] == len(samples) > 0
+    # one request per consecutive pair of key frames, each answered by the model once
+    pairs = sum(len(c["keyframe_paths"]) - 1 for c in clips)
+    assert caption["requests"] == pairs and caption["model_calls"] == caption["unique"]
+    by_id = {r["item_id"]: r for r in _by_stage(rows, "caption")}
+    clip_rows = {r["item_id"]: r for r in _by_stage(rows, "clips")}
+    ingest = {r["item_id"]: r for r in _by_stage(rows, "ingest")}
+    for sample in samples:
+        # every caption row joins to its clip and its source in the ledger
+        entry = by_id[sample["item_id"]]
+        assert entry["decision"] == "keep" and entry["model_id"] == "caption-vlm"
+        assert entry["model_revision"] == sample["caption_model_revision"]
+        assert entry["prompt_hash"] == sample["caption_prompt_hash"]
+        assert clip_rows[sample["item_id"]]["source_id"] == sample["source_id"]
+        assert ingest[sample["source_id"]]["decision"] == "keep"
+        sequence = json.loads(sample["sequence"])
+        kinds = [item["type"] for item in sequence]
+        assert kinds == ["video_frame", "text"] * len(sample["captions"]) + ["video_frame"]
+        assert all(n <= 30 for n in sample["caption_tokens"])
+        details = json.loads(entry["details"])["captions"]
+        assert [d["completion_tokens"] for d in details] == sample["caption_tokens"]
+        assert all(d["latency_ms"] > 0 for d in details)
+
+
+def test_second_caption_run_makes_no_model_calls_and_same_bytes(flow_setup, tmp_path) -> None:
+    """A fresh run directory with the same request cache pays for nothing."""
+    import shutil
+
+    from weft.pipelines.ray_runtime import RayConfig, init_ray
+
+    copy = tmp_path / "copy"
+    shutil.copytree(flow_setup["run_dir"], copy)
+    (copy / "outputs" / "captions.parquet").unlink()
+    (copy / "ledger" / "caption.parquet").unlink()
+    loaded = video.load_config(flow_setup["config"])
+    init_ray(RayConfig(progress_bars=False))
+    stats = video.run_captions(loaded, RunDir(copy), flow_setup["result"]["run_id"])
+    assert stats["model_calls"] == 0 and stats["cache_hits"] == stats["unique"] > 0
+    name = "outputs/captions.parquet"
+    assert (copy / name).read_bytes() == (flow_setup["run_dir"] / name).read_bytes()
+    # the ledger says the same (all but wall-clock elapsed_ms), cached latencies included
+    assert _ledger_rows(copy) == _ledger_rows(flow_setup["run_dir"])
