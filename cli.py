@@ -22,6 +22,8 @@ app.add_typer(assets_app, name="assets")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
+web_app = typer.Typer(no_args_is_help=True, help="Web documents: train text classifiers.")
+app.add_typer(web_app, name="web")
 console = Console()
 
 DEMO_VIDEOS = ["bikes.mp4", "cityCC0.mpg", "Megamind.avi", "Megamind_bugy.avi"]
@@ -189,6 +191,100 @@ def config_defaults(
         console.print(f"wrote {path}")
     else:
         sys.stdout.write(render())
+
+
+@web_app.command("train-classifier")
+def web_train_classifier(
+    out: Annotated[Path, typer.Option("--out", help="directory for the model and card.json")],
+    labels: Annotated[Path | None, typer.Option(
+        "--labels", help="table (parquet/csv/jsonl) with text and label columns")] = None,
+    llm: Annotated[str | None, typer.Option(
+        "--llm", help="label --texts with this registry model instead")] = None,
+    texts: Annotated[Path | None, typer.Option("--texts", help="table of texts (with --llm)")]
+    = None,
+    models: Annotated[Path | None, typer.Option(
+        "--models", help="model registry YAML (default configs/models.yaml)")] = None,
+    cache: Annotated[Path | None, typer.Option(
+        "--cache", help="LLM request cache (default OUT/llm_cache.sqlite)")] = None,
+    prompt: Annotated[str, typer.Option(help="configs/prompts/<prompt>.yaml")] = "quality_label",
+    text_column: Annotated[str, typer.Option(help="column holding the text")] = "text",
+    label_column: Annotated[str, typer.Option(help="column holding the label")] = "label",
+    seed: Annotated[int, typer.Option(help="split and training seed")] = 0,
+    epoch: Annotated[int, typer.Option(help="fastText epochs")] = 10,
+    lr: Annotated[float, typer.Option(help="fastText learning rate")] = 0.5,
+    word_ngrams: Annotated[int, typer.Option(help="fastText word n-grams")] = 2,
+    dim: Annotated[int, typer.Option(help="fastText vector size")] = 50,
+    test_fraction: Annotated[float, typer.Option(help="held-out share per label")] = 0.2,
+    quantize: Annotated[bool, typer.Option(help="save a quantized model.ftz")] = False,
+) -> None:
+    """Train a fastText quality classifier on labels from a table or from an LLM."""
+    from weft.stages.web.fasttext_classifier import read_labelled, read_texts, train_classifier
+
+    if (labels is None) == (llm is None):
+        _fail("give exactly one of --labels TABLE or --llm MODEL_NAME --texts TABLE")
+    try:
+        if labels is not None:
+            text_list, label_list = read_labelled(labels, text_column, label_column)
+            source = f"table {labels} (columns {text_column!r}, {label_column!r})"
+        else:
+            if texts is None:
+                _fail("--llm needs --texts TABLE")
+            text_list = read_texts(texts, text_column)
+            label_list, source = _llm_labels(text_list, llm, models,
+                                             cache or out / "llm_cache.sqlite", prompt, out,
+                                             str(texts))
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+    try:
+        card = train_classifier(text_list, label_list, out, seed=seed, epoch=epoch, lr=lr,
+                                wordNgrams=word_ngrams, dim=dim, test_fraction=test_fraction,
+                                quantize=quantize, data_source=source)
+    except ValueError as exc:
+        _fail(str(exc))
+    table = Table(title=f"held-out metrics ({card.split['test']} test, "
+                        f"{card.split['train']} train)")
+    for col in ("label", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "label" else "right")
+    for name, m in card.metrics.items():
+        table.add_row(name, f"{m.precision:.4f}", f"{m.recall:.4f}", f"{m.f1:.4f}",
+                      str(m.support))
+    console.print(table)
+    if card.accuracy is not None:
+        console.print(f"accuracy: {card.accuracy:.4f}")
+    console.print(f"model: {out / card.model_file} (sha256 {card.model_sha256[:16]})")
+    console.print(f"card: {out / 'card.json'}")
+
+
+def _llm_labels(text_list: list[str], llm: str, models: Path | None, cache_path: Path,
+                prompt: str, out: Path, what: str) -> tuple[list[str | None], str]:
+    """Label texts with a registry model (Ray Data, request cache); answers go to OUT."""
+    import json
+
+    from weft.pipelines.ray_runtime import RayConfig, init_ray
+    from weft.stages.infer.cache import RequestCache
+    from weft.stages.infer.registry import ModelDirError, load_registry
+    from weft.stages.web.fasttext_classifier import label_with_llm
+
+    registry = load_registry(models or Path(__file__).resolve().parent / "configs" /
+                             "models.yaml")
+    try:
+        spec = registry.get(llm)
+        revision = registry.check(llm)
+    except (KeyError, ModelDirError) as exc:
+        _fail(str(exc).strip('"'))
+    init_ray(RayConfig())
+    with RequestCache(cache_path) as cache:
+        result = label_with_llm(text_list, spec, llm, revision, cache, prompt)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "llm_labels.jsonl", "w") as fh:
+        for i, (answer, label) in enumerate(zip(result.answers, result.labels, strict=True)):
+            fh.write(json.dumps({"index": i, "answer": answer, "label": label}) + "\n")
+    st = result.stats
+    console.print(f"LLM labels: {len(text_list) - len(result.unparseable)} of {len(text_list)} "
+                  f"parseable; {st.requests} requests, {st.cache_hits} from the cache, "
+                  f"{st.model_calls} model calls ({llm}@{revision}, {result.prompt_ref}); "
+                  f"answers in {out / 'llm_labels.jsonl'}")
+    return result.labels, result.data_source(what)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,0 +1,1 @@
+"""Web-document stages: HTML conversion, record reading, safe image loading."""
