@@ -176,13 +176,15 @@ def make_tiny(out: Annotated[Path, typer.Option("--out")]) -> None:
 
 @config_app.command("defaults")
 def config_defaults(
-    pipeline: Annotated[str, typer.Argument(help="pipeline name: video")] = "video",
+    pipeline: Annotated[str, typer.Argument(help="pipeline name: video | web")] = "video",
     write: Annotated[bool, typer.Option("--write", help="rewrite configs/<pipeline>.yaml")] = False,
 ) -> None:
     """Print every default of a pipeline's config as commented YAML (or rewrite the file)."""
     from weft.pipelines import video as video_pipeline
+    from weft.pipelines import web as web_pipeline
 
-    renderers = {"video": (video_pipeline.default_config_yaml, video_pipeline.DEFAULT_CONFIG)}
+    renderers = {"video": (video_pipeline.default_config_yaml, video_pipeline.DEFAULT_CONFIG),
+                 "web": (web_pipeline.default_config_yaml, web_pipeline.DEFAULT_CONFIG)}
     if pipeline not in renderers:
         _fail(f"unknown pipeline {pipeline!r}; known: {', '.join(renderers)}")
     render, path = renderers[pipeline]

@@ -23,13 +23,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-import weft
+from weft.pipelines.common import (
+    CONFIGS_DIR,
+    INGEST,
+    ConfigError,
+    DiscoverConfig,
+    code_version,
+    output_hash,
+    partition_id,
+    read_config,
+    read_policy,
+)
 from weft.pipelines.ray_runtime import RayConfig, apply_stage
 from weft.schemas.config_doc import render_defaults
-from weft.schemas.ids import hash_of, sha256_file
-from weft.schemas.ledger import LedgerEntry, StagePlan, read_ledger, write_ledger
+from weft.schemas.ids import hash_of
+from weft.schemas.ledger import StagePlan, read_ledger, write_ledger
 from weft.schemas.policy import Policy
 from weft.schemas.run_dir import RunDir, write_atomic
 from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, RunContext, Stage, ledger_rows_of
@@ -53,29 +63,15 @@ from weft.stages.video.quality import QualityStage
 from weft.stages.video.shots import ShotsStage
 
 PIPELINE = "video"
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "video.yaml"
 DEFAULT_POLICY = CONFIGS_DIR / "policies" / "video.yaml"
 PARTITION_STAGES: list[type[Stage]] = [
     ProbeStage, ShotsStage, ClipsStage, CropStage, QualityStage, KeyframesStage, EmbedStage,
 ]
-INGEST = StagePlan("ingest", "1", "map")
 DEDUP = StagePlan("dedup", "1", "map")
 CAPTION_STAGES: list[type[Stage]] = [CaptionPrepStage, CaptionStage]
 # Columns that never leave a partition (pixels) or are bookkeeping.
 NOT_STORED = ("frames", LEDGER_COLUMN)
-
-
-class ConfigError(ValueError):
-    """A bad configuration: reported once, at start-up, before any work."""
-
-
-class DiscoverConfig(BaseModel):
-    """Which files under --input are inputs. Every file found is accounted for."""
-
-    model_config = ConfigDict(extra="forbid")
-    recursive: bool = True
-    include_hidden: bool = False
 
 
 class InferenceConfig(BaseModel):
@@ -128,16 +124,6 @@ def default_config_yaml() -> str:
     return render_defaults(VideoPipelineConfig(), CONFIG_HEADER)
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 class LoadedConfig(BaseModel):
     """A validated config with its policy, and the hash that names the run."""
 
@@ -155,69 +141,34 @@ def load_config(path: str | Path | None = None,
     Any problem - unreadable YAML, an unknown key, a bad value, a missing
     policy or model directory - raises ConfigError with one clear message.
     """
-    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    base_dir = models_dir = CONFIGS_DIR
-    if path is not None:
-        path = Path(path)
-        try:
-            user = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        if not isinstance(user, dict):
-            raise ConfigError(f"config {path} must be a mapping, got {type(user).__name__}")
-        data = _deep_merge(data, user)
-        if "policy" in user:
-            base_dir = path.parent
-        if "models" in user:
-            models_dir = path.parent
-    data = _deep_merge(data, overrides or {})
-    try:
-        config = VideoPipelineConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid video config{f' {path}' if path else ''}: {problems}") from exc
-    policy_path = Path(config.policy)
-    if not policy_path.is_absolute():
-        policy_path = (base_dir / policy_path).resolve()
-    try:
-        policy = Policy.model_validate(yaml.safe_load(policy_path.read_text()))
-    except (OSError, yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"invalid or missing policy {policy_path}: {exc}") from exc
-    registry_path = Path(os.path.expanduser(config.models))
-    if not registry_path.is_absolute():
-        registry_path = (models_dir / registry_path).resolve()
+    raw = read_config(VideoPipelineConfig, DEFAULT_CONFIG, path, overrides, PIPELINE)
+    config: VideoPipelineConfig = raw.config
+    policy_path = raw.resolve(config.policy, "policy")
+    stages = {s.name for s in (*PARTITION_STAGES, *CAPTION_STAGES)} | {DEDUP.name}
+    policy = read_policy(policy_path, stages)
+    registry_path = raw.resolve(config.models, "models")
     try:
         registry = load_registry(registry_path)
         caption_spec = registry.get(config.caption.model)
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"caption.model: {exc}") from exc
-    stages = {s.name for s in (*PARTITION_STAGES, *CAPTION_STAGES)} | {DEDUP.name}
-    unknown = set(policy.rules) - stages
-    if unknown:
-        raise ConfigError(f"policy {policy_path} has rules for unknown stages: {sorted(unknown)}")
     resolved = config.model_dump(mode="json")
     resolved["policy"] = str(policy_path)
     resolved["policy_resolved"] = policy.model_dump(mode="json")
     resolved["models"] = str(registry_path)
-    resolved["caption_model_resolved"] = caption_spec.model_dump(mode="json")
-    hashed = {k: v for k, v in resolved.items() if k not in ("ray", "policy", "models",
-                                                             "inference")}
-    hashed["caption_model_resolved"] = {k: v for k, v in hashed["caption_model_resolved"].items()
-                                        if k not in ("concurrency", "licence")}
-    for stage in (*PARTITION_STAGES, CaptionStage):  # resources change scheduling, not outputs
-        hashed[stage.name] = {k: v for k, v in hashed[stage.name].items() if k != "resources"}
+    resolved["caption_model_resolved"] = {
+        k: v for k, v in caption_spec.model_dump(mode="json").items()
+        if k not in ("concurrency", "licence")}
+    config_hash = output_hash(PIPELINE, resolved, ("ray", "policy", "models", "inference"),
+                              [s.name for s in (*PARTITION_STAGES, CaptionStage)])
     return LoadedConfig(config=config, policy=policy, registry=registry, resolved=resolved,
-                        config_hash=hash_of(PIPELINE, hashed, length=16))
+                        config_hash=config_hash)
 
 
 def plan() -> list[StagePlan]:
     """The ledger's stage order for this pipeline."""
     return [INGEST, *(StagePlan(s.name, s.version, s.kind) for s in PARTITION_STAGES), DEDUP,
             *(StagePlan(s.name, s.version, s.kind) for s in CAPTION_STAGES)]
-
-
-def code_version() -> str:
-    return f"weft-{weft.__version__}"
 
 
 def preflight(loaded: LoadedConfig) -> None:
@@ -242,68 +193,6 @@ def preflight(loaded: LoadedConfig) -> None:
 # ---------------------------------------------------------------------------
 # ingest: discover and hash inputs (driver side)
 # ---------------------------------------------------------------------------
-
-def discover(input_dir: Path, config: DiscoverConfig) -> list[Path]:
-    """Every regular file under input_dir, sorted; symlinks leaving the dir are skipped."""
-    if not input_dir.is_dir():
-        raise ConfigError(f"--input {input_dir} is not a directory")
-    root = input_dir.resolve()
-    pattern = "**/*" if config.recursive else "*"
-    files = []
-    for path in sorted(input_dir.glob(pattern)):
-        rel = path.relative_to(input_dir)
-        if not config.include_hidden and any(p.startswith(".") for p in rel.parts):
-            continue
-        if path.is_file() and path.resolve().is_relative_to(root):
-            files.append(path)
-    return files
-
-
-def ingest(files: list[Path], ctx: RunContext) -> tuple[list[dict[str, Any]], list[dict]]:
-    """Hash every file; identical bytes are one source (the rest: exact_duplicate).
-
-    Returns (source rows for the partitions, ingest ledger rows).
-    """
-    rows, ledger, seen = [], [], {}
-    for path in files:
-        try:
-            digest = sha256_file(path)
-        except OSError as exc:
-            entry = LedgerEntry(item_id=hash_of("unreadable", str(path)), item_kind="source",
-                                decision="error", reason="unreadable_file",
-                                details={"path": str(path)}, error_type=type(exc).__name__,
-                                error_message=str(exc))
-        else:
-            size = path.stat().st_size
-            details = {"path": str(path), "size_bytes": size}
-            if digest in seen:
-                entry = LedgerEntry(item_id=digest, item_kind="source", source_id=digest,
-                                    decision="drop", reason="exact_duplicate",
-                                    scores={"exact_duplicate": 1.0},
-                                    details={**details, "duplicate_of": seen[digest]})
-            else:
-                seen[digest] = str(path)
-                entry = LedgerEntry(item_id=digest, item_kind="source", source_id=digest,
-                                    decision="keep", reason="ok",
-                                    scores={"exact_duplicate": 0.0}, details=details)
-                rows.append({"item_id": digest, "source_id": digest, "item_kind": "source",
-                             "path": str(path.resolve()), "size_bytes": size})
-        ledger.append(entry.to_row(run_id=ctx.run_id, stage=INGEST.name, stage_index=0,
-                                   stage_version=INGEST.version, config_hash="ingest",
-                                   policy_hash=ctx.policy.policy_hash,
-                                   code_version=ctx.code_version))
-    return rows, ledger
-
-
-def partitions(sources: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
-    """Deterministic groups of sources (sorted by id); a group's id hashes its members."""
-    ordered = sorted(sources, key=lambda r: r["source_id"])
-    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
-
-
-def partition_id(group: list[dict[str, Any]]) -> str:
-    return hash_of("partition", [r["source_id"] for r in group], length=16)
-
 
 # ---------------------------------------------------------------------------
 # per-partition Ray Data plan
@@ -460,14 +349,6 @@ def run_captions(loaded: LoadedConfig, run: RunDir, run_id: str) -> dict[str, An
     tmp.replace(run.outputs_dir / "captions.parquet")
     return {"clips_in": len(rows), "samples": samples.num_rows, "model": config.model,
             "model_revision": revision, "prompt": prompt.ref, **stats.as_dict()}
-
-
-def prune_stale_ledger(run: RunDir, partition_ids: list[str]) -> None:
-    """Remove ledger files of partitions no longer in this run's input set."""
-    wanted = {f"part-{pid}.parquet" for pid in partition_ids}
-    for path in run.ledger_dir.glob("part-*.parquet"):
-        if path.name not in wanted:
-            path.unlink()
 
 
 def read_run_ledger(run: RunDir) -> pa.Table:

@@ -17,10 +17,15 @@ decides.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import os
+import platform
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +58,43 @@ _WHITESPACE = re.compile(r"\s+")
 def normalize_text(text: str) -> str:
     """What fastText sees, in training and scoring alike: one lowercased line."""
     return _WHITESPACE.sub(" ", _PUNCT.sub(r" \1 ", text.lower())).strip()
+
+
+# ---- deterministic training ----------------------------------------------------------
+_M_PERTURB = -6  # glibc mallopt parameter
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") else None
+
+
+@contextmanager
+def zeroed_allocations() -> Iterator[bool]:
+    """Make malloc hand out zeroed memory while fastText trains; yields whether it could.
+
+    fasttext-numpy2 keeps its matrices in `posix_memalign`ed memory that is never
+    cleared, and its uniform initialisation fills one tenth of the input matrix
+    per thread - so with `thread=1` nine tenths of the rows start as heap garbage:
+    NaN crashes ("Encountered NaN.") or different models from the same seed.
+    glibc's M_PERTURB with byte 0xff fills each allocation with 0x00, so those
+    rows start at zero, run after run (large fresh allocations are zero pages anyway).
+    """
+    libc = _glibc()
+    if libc is None:
+        yield False
+        return
+    previous = int(os.environ.get("MALLOC_PERTURB_", "0") or 0)
+    libc.mallopt(_M_PERTURB, 0xFF)
+    try:
+        yield True
+    finally:
+        libc.mallopt(_M_PERTURB, previous)
 
 
 # ---- tables ----------------------------------------------------------------------
@@ -129,6 +171,8 @@ class ClassifierCard(BaseModel):
     split: dict[str, Any]
     hyperparameters: dict[str, Any]
     preprocess: str
+    zeroed_init: bool = Field(False, description="training memory was zeroed (see "
+                              "zeroed_allocations); without it a model may not be reproducible")
     metrics: dict[str, LabelMetrics]
     accuracy: float | None
     model_file: str
@@ -278,10 +322,14 @@ def train_classifier(texts: Sequence[str], labels: Sequence[str | None], out_dir
     params: dict[str, Any] = {"epoch": epoch, "lr": lr, "wordNgrams": wordNgrams, "dim": dim,
                               "minCount": minCount, "bucket": bucket, "loss": loss,
                               "seed": seed, "thread": 1}
-    model = fasttext.train_supervised(input=str(train_file), verbose=0, **params)
-    if quantize:
-        model.quantize(input=str(train_file), qnorm=True, retrain=True, cutoff=100_000,
-                       thread=1, verbose=0)
+    with zeroed_allocations() as zeroed:
+        try:
+            model = fasttext.train_supervised(input=str(train_file), verbose=0, **params)
+            if quantize:
+                model.quantize(input=str(train_file), qnorm=True, retrain=True,
+                               cutoff=100_000, thread=1, verbose=0)
+        except RuntimeError as exc:  # fastText's only complaint is "Encountered NaN."
+            raise ValueError(f"fastText training diverged ({exc}); lower lr (was {lr})") from exc
     model_path = out / ("model.ftz" if quantize else "model.bin")
     model.save_model(str(model_path))
     classifier = FastTextClassifier(model_path)
@@ -299,7 +347,8 @@ def train_classifier(texts: Sequence[str], labels: Sequence[str | None], out_dir
                                                          for i in train_idx).items())),
                "test_label_counts": dict(sorted(Counter(kept_labels[i]
                                                         for i in test_idx).items()))},
-        hyperparameters=params, preprocess=PREPROCESS, metrics=metrics, accuracy=accuracy,
+        hyperparameters=params, preprocess=PREPROCESS, zeroed_init=zeroed, metrics=metrics,
+        accuracy=accuracy,
         model_file=model_path.name, model_sha256=classifier.sha256,
         model_bytes=model_path.stat().st_size, quantized=quantize,
         fasttext_package=_fasttext_package())
@@ -404,7 +453,7 @@ class QualityClassifierStage(Stage):
     name = "quality_classifier"
     version = "1"
     kind = "map"
-    item_kind = "document"
+    item_kind = "web_doc"
     Config = QualityClassifierConfig
     input_columns = ("text",)
     output_fields = QUALITY_FIELDS

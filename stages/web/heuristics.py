@@ -271,7 +271,7 @@ class HeuristicsStage(Stage):
     name = "heuristics"
     version = "1"
     kind = "map"
-    item_kind = "document"
+    item_kind = "web_doc"
     Config = HeuristicsConfig
     input_columns = ("text",)  # adds no columns: every score goes to the ledger
     uses_model = False

@@ -99,7 +99,7 @@ class LangIdStage(Stage):
     name = "langid"
     version = "1"
     kind = "map"
-    item_kind = "document"
+    item_kind = "web_doc"
     Config = LangIdConfig
     input_columns = ("text",)
     output_fields = LANGID_FIELDS

@@ -1,0 +1,192 @@
+"""What every pipeline shares: config errors and merging, input discovery, ingest, partitions.
+
+Ingest hashes every discovered file (a source's id is the sha256 of its
+bytes) and drops exact byte duplicates with a reason, so every input file has
+exactly one ledger row before any stage runs; partitions are fixed groups of
+sources named by their members, the unit of resume.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+import weft
+from weft.schemas.ids import hash_of, sha256_file
+from weft.schemas.ledger import LedgerEntry, StagePlan
+from weft.schemas.policy import Policy
+from weft.schemas.run_dir import RunDir
+from weft.stages.base import RunContext
+
+INGEST = StagePlan("ingest", "1", "map")
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A bad configuration: reported once, at start-up, before any work."""
+
+
+class DiscoverConfig(BaseModel):
+    """Which files under --input are inputs. Every file found is accounted for."""
+
+    model_config = ConfigDict(extra="forbid")
+    recursive: bool = True
+    include_hidden: bool = False
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class RawConfig:
+    """A pipeline config merged from defaults, the user's YAML and overrides, validated."""
+
+    config: Any
+    path: Path | None
+    user_keys: set[str]
+
+    def resolve(self, value: str, key: str) -> Path:
+        """A path from the config: absolute, or relative to the file that set `key`."""
+        path = Path(os.path.expanduser(value))
+        if path.is_absolute():
+            return path
+        base = self.path.parent if self.path is not None and key in self.user_keys \
+            else CONFIGS_DIR
+        return (base / path).resolve()
+
+
+def read_config(model: type[ConfigT], default_path: Path, path: str | Path | None,
+                overrides: dict[str, Any] | None, label: str) -> RawConfig:
+    """Built-in defaults, then the user's YAML (partial is fine), then overrides.
+
+    Unreadable YAML, an unknown key or a bad value raise ConfigError, one message.
+    """
+    data = yaml.safe_load(default_path.read_text())
+    user: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            user = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(user, dict):
+            raise ConfigError(f"config {path} must be a mapping, got {type(user).__name__}")
+    data = deep_merge(deep_merge(data, user), overrides or {})
+    try:
+        config = model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid {label} config{f' {path}' if path else ''}: "
+                          f"{problems}") from exc
+    return RawConfig(config=config, path=path, user_keys=set(user))
+
+
+def read_policy(path: Path, stages: set[str]) -> Policy:
+    """The policy at `path`; rules for stages the pipeline does not have are refused."""
+    try:
+        policy = Policy.model_validate(yaml.safe_load(path.read_text()))
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"invalid or missing policy {path}: {exc}") from exc
+    unknown = set(policy.rules) - stages
+    if unknown:
+        raise ConfigError(f"policy {path} has rules for unknown stages: {sorted(unknown)}")
+    return policy
+
+
+def output_hash(pipeline: str, resolved: dict[str, Any], not_outputs: tuple[str, ...],
+                stage_names: list[str]) -> str:
+    """The config hash: what changes outputs (not where Ray runs or stage resources)."""
+    hashed = {k: v for k, v in resolved.items() if k not in not_outputs}
+    for name in stage_names:
+        if isinstance(hashed.get(name), dict):
+            hashed[name] = {k: v for k, v in hashed[name].items() if k != "resources"}
+    return hash_of(pipeline, hashed, length=16)
+
+
+def code_version() -> str:
+    return f"weft-{weft.__version__}"
+
+
+def discover(input_dir: Path, config: DiscoverConfig) -> list[Path]:
+    """Every regular file under input_dir, sorted; symlinks leaving the dir are skipped."""
+    if not input_dir.is_dir():
+        raise ConfigError(f"--input {input_dir} is not a directory")
+    root = input_dir.resolve()
+    pattern = "**/*" if config.recursive else "*"
+    files = []
+    for path in sorted(input_dir.glob(pattern)):
+        rel = path.relative_to(input_dir)
+        if not config.include_hidden and any(p.startswith(".") for p in rel.parts):
+            continue
+        if path.is_file() and path.resolve().is_relative_to(root):
+            files.append(path)
+    return files
+
+
+def ingest(files: list[Path], ctx: RunContext) -> tuple[list[dict[str, Any]], list[dict]]:
+    """Hash every file; identical bytes are one source (the rest: exact_duplicate).
+
+    Returns (source rows for the partitions, ingest ledger rows).
+    """
+    rows, ledger, seen = [], [], {}
+    for path in files:
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            entry = LedgerEntry(item_id=hash_of("unreadable", str(path)), item_kind="source",
+                                decision="error", reason="unreadable_file",
+                                details={"path": str(path)}, error_type=type(exc).__name__,
+                                error_message=str(exc))
+        else:
+            size = path.stat().st_size
+            details = {"path": str(path), "size_bytes": size}
+            if digest in seen:
+                entry = LedgerEntry(item_id=digest, item_kind="source", source_id=digest,
+                                    decision="drop", reason="exact_duplicate",
+                                    scores={"exact_duplicate": 1.0},
+                                    details={**details, "duplicate_of": seen[digest]})
+            else:
+                seen[digest] = str(path)
+                entry = LedgerEntry(item_id=digest, item_kind="source", source_id=digest,
+                                    decision="keep", reason="ok",
+                                    scores={"exact_duplicate": 0.0}, details=details)
+                rows.append({"item_id": digest, "source_id": digest, "item_kind": "source",
+                             "path": str(path.resolve()), "size_bytes": size})
+        ledger.append(entry.to_row(run_id=ctx.run_id, stage=INGEST.name, stage_index=0,
+                                   stage_version=INGEST.version, config_hash="ingest",
+                                   policy_hash=ctx.policy.policy_hash,
+                                   code_version=ctx.code_version))
+    return rows, ledger
+
+
+def partitions(sources: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    """Deterministic groups of sources (sorted by id); a group's id hashes its members."""
+    ordered = sorted(sources, key=lambda r: r["source_id"])
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
+def partition_id(group: list[dict[str, Any]]) -> str:
+    return hash_of("partition", [r["source_id"] for r in group], length=16)
+
+
+def prune_stale_ledger(run: RunDir, partition_ids: list[str]) -> None:
+    """Remove ledger files of partitions no longer in this run's input set."""
+    wanted = {f"part-{pid}.parquet" for pid in partition_ids}
+    for path in run.ledger_dir.glob("part-*.parquet"):
+        if path.name not in wanted:
+            path.unlink()
+
+

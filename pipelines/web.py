@@ -1,0 +1,363 @@
+"""The web-document pipeline: HTML pages and OmniCorpus-style records in, clean documents out.
+
+    ingest (hash, exact dedup of files)
+      -> parse (expand: page -> 1 document, records file -> N)
+      -> langid -> heuristics -> [quality_classifier] -> image_load -> image_rules
+      -> structure                                          (per partition, on Ray)
+      -> dedup (global: MinHash LSH near-duplicate documents)
+      -> llm_filter (global: only documents whose classifier score is uncertain reach the LLM)
+
+The per-document stages run as one Ray Data plan per partition (a fixed group
+of input files), so a killed run redoes at most the partitions in flight.
+`quality_classifier` runs when `quality_classifier.model_path` is set (train one
+with `weft web train-classifier`); `llm_filter` asks the registry's LLM only
+about documents whose `quality_score` lies in the policy's `llm_filter_band`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from weft.pipelines.common import (
+    CONFIGS_DIR,
+    INGEST,
+    ConfigError,
+    DiscoverConfig,
+    output_hash,
+    read_config,
+    read_policy,
+)
+from weft.pipelines.ray_runtime import RayConfig, apply_stage
+from weft.pipelines.video import InferenceConfig
+from weft.schemas.config_doc import render_defaults
+from weft.schemas.ids import hash_of
+from weft.schemas.ledger import LedgerEntry, StagePlan, read_ledger, write_ledger
+from weft.schemas.policy import Policy
+from weft.schemas.run_dir import RunDir, write_atomic
+from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, RunContext, Stage, ledger_rows_of
+from weft.stages.infer.cache import RequestCache
+from weft.stages.infer.prompts import load_prompt
+from weft.stages.infer.registry import ModelRegistry, load_registry, model_revision
+from weft.stages.infer.runner import run_requests
+from weft.stages.infer.types import SamplingParams
+from weft.stages.web.fasttext_classifier import QualityClassifierStage, label_requests, parse_label
+from weft.stages.web.heuristics import HeuristicsStage
+from weft.stages.web.images import ImageLoadStage
+from weft.stages.web.langid import LangIdStage
+from weft.stages.web.parse import ParseStage
+
+PIPELINE = "web"
+DEFAULT_CONFIG = CONFIGS_DIR / "web.yaml"
+DEFAULT_POLICY = CONFIGS_DIR / "policies" / "web.yaml"
+DEDUP = StagePlan("dedup", "1", "map")
+LLM_FILTER = StagePlan("llm_filter", "1", "map")
+BAND_RULES = "llm_filter_band"  # policy block: quality_score bounds of the uncertain band
+# Columns that never leave a partition (pixels) or are bookkeeping.
+NOT_STORED = ("image_bytes", LEDGER_COLUMN)
+
+
+def partition_stages(config: WebPipelineConfig) -> list[type[Stage]]:
+    """The per-document stages this config runs, in order."""
+    stages: list[type[Stage]] = [ParseStage, LangIdStage, HeuristicsStage]
+    if config.quality_classifier.model_path:
+        stages.append(QualityClassifierStage)
+    stages.append(ImageLoadStage)
+    return stages
+
+
+ALL_PARTITION_STAGES: list[type[Stage]] = [ParseStage, LangIdStage, HeuristicsStage,
+                                           QualityClassifierStage, ImageLoadStage]
+
+
+class WebDedupConfig(BaseModel):
+    """MinHash LSH near-duplicate detection over every surviving document."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations")
+    shingle: int = Field(5, ge=1, description="word n-gram size of the shingles")
+    lsh_threshold: float = Field(0.7, gt=0, lt=1, description="LSH candidate threshold; "
+                                 "the policy's near_duplicate_jaccard bound decides")
+
+
+class LlmFilterConfig(BaseModel):
+    """The LLM fine filter over the classifier's uncertain band."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="needs a quality score: runs only with "
+                                            "quality_classifier.model_path set")
+    model: str = Field("filter-llm", description="a name in the model registry")
+    prompt: str = Field("quality_label", description="configs/prompts/<prompt>.yaml")
+    positive_label: str = "high"
+    labels: list[str] = Field(default_factory=lambda: ["high", "low"])
+    max_chars: int = Field(4000, ge=100, description="document text sent to the LLM, at most")
+    max_tokens: int = Field(4, ge=1)
+
+
+class WebPipelineConfig(BaseModel):
+    """Everything the web pipeline does, with every default visible in configs/web.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = 1
+    policy: str = Field("policies/web.yaml", description="relative to this config's folder")
+    partition_size: int = Field(32, ge=1, description="input files per resumable partition")
+    discover: DiscoverConfig = Field(default_factory=DiscoverConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    parse: ParseStage.Config = Field(default_factory=ParseStage.Config)
+    langid: LangIdStage.Config = Field(default_factory=LangIdStage.Config)
+    heuristics: HeuristicsStage.Config = Field(default_factory=HeuristicsStage.Config)
+    quality_classifier: QualityClassifierStage.Config = Field(
+        default_factory=QualityClassifierStage.Config)
+    image_load: ImageLoadStage.Config = Field(default_factory=ImageLoadStage.Config)
+    dedup: WebDedupConfig = Field(default_factory=WebDedupConfig)
+    models: str = Field("models.yaml", description="model registry, relative to this "
+                                                   "config's folder")
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    llm_filter: LlmFilterConfig = Field(default_factory=LlmFilterConfig)
+
+    def stage_config(self, stage_cls: type[Stage]) -> Any:
+        return getattr(self, stage_cls.name)
+
+
+CONFIG_HEADER = """\
+weft web pipeline: every default, written out. Generated from the pydantic
+models by `weft config defaults web --write`; a test checks it still matches.
+Pass a YAML with only the keys you change: `weft web run --config my.yaml`.
+Thresholds are not here: they live in the policy (configs/policies/web.yaml).
+"""
+
+
+def default_config_yaml() -> str:
+    """configs/web.yaml as the models define it (every default, commented)."""
+    return render_defaults(WebPipelineConfig(), CONFIG_HEADER)
+
+
+class LoadedWebConfig(BaseModel):
+    """A validated config with its policy and registry, and the hash that names the run."""
+
+    config: WebPipelineConfig
+    policy: Policy
+    registry: ModelRegistry
+    resolved: dict[str, Any]
+    config_hash: str
+
+    @property
+    def llm_filter_active(self) -> bool:
+        return bool(self.config.llm_filter.enabled and self.config.quality_classifier.model_path)
+
+
+def load_config(path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> LoadedWebConfig:
+    """Defaults, the user's YAML, overrides; any problem is one ConfigError."""
+    raw = read_config(WebPipelineConfig, DEFAULT_CONFIG, path, overrides, PIPELINE)
+    config: WebPipelineConfig = raw.config
+    policy_path = raw.resolve(config.policy, "policy")
+    stages = {s.name for s in ALL_PARTITION_STAGES} | {DEDUP.name, LLM_FILTER.name, BAND_RULES}
+    policy = read_policy(policy_path, stages)
+    registry_path = raw.resolve(config.models, "models")
+    try:
+        registry = load_registry(registry_path)
+        llm_spec = registry.get(config.llm_filter.model)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"llm_filter.model: {exc}") from exc
+    resolved = config.model_dump(mode="json")
+    resolved.update(policy=str(policy_path), policy_resolved=policy.model_dump(mode="json"),
+                    models=str(registry_path),
+                    llm_model_resolved={k: v for k, v in llm_spec.model_dump(mode="json").items()
+                                        if k not in ("concurrency", "licence")})
+    config_hash = output_hash(PIPELINE, resolved, ("ray", "policy", "models", "inference"),
+                              [s.name for s in ALL_PARTITION_STAGES])
+    return LoadedWebConfig(config=config, policy=policy, registry=registry, resolved=resolved,
+                           config_hash=config_hash)
+
+
+def plan(loaded: LoadedWebConfig) -> list[StagePlan]:
+    """The ledger's stage order for this config."""
+    stages = [StagePlan(s.name, s.version, s.kind) for s in partition_stages(loaded.config)]
+    return [INGEST, *stages, DEDUP, *([LLM_FILTER] if loaded.llm_filter_active else [])]
+
+
+def preflight(loaded: LoadedWebConfig) -> None:
+    """Fail at start-up, clearly, for missing models and prompts."""
+    classifier = loaded.config.quality_classifier.model_path
+    if classifier and not Path(classifier).expanduser().is_file():
+        raise ConfigError(f"quality_classifier.model_path {classifier} does not exist "
+                          "(train one with `weft web train-classifier`)")
+    if loaded.llm_filter_active:
+        if BAND_RULES not in loaded.policy.rules:
+            raise ConfigError(f"the policy has no `{BAND_RULES}` block: the LLM filter needs "
+                              "the quality_score band it looks at")
+        try:
+            loaded.registry.check(loaded.config.llm_filter.model)
+            load_prompt(loaded.config.llm_filter.prompt)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"llm_filter: {exc}") from exc
+
+
+def run_context(loaded: LoadedWebConfig, run: RunDir, run_id: str, stage_index: int = 0
+                ) -> RunContext:
+    from weft.pipelines.common import code_version
+
+    return RunContext(run_id=run_id, run_dir=str(run.root), policy=loaded.policy,
+                      code_version=code_version(), stage_index=stage_index)
+
+
+# ---------------------------------------------------------------------------
+# per-partition Ray Data plan
+# ---------------------------------------------------------------------------
+
+def process_partition(group: list[dict[str, Any]], pid: str, loaded: LoadedWebConfig,
+                      run: RunDir, run_id: str) -> dict[str, Any]:
+    """Run every per-document stage over one partition and write its outputs atomically."""
+    import ray
+    import ray.data
+
+    ds = ray.data.from_arrow(pa.Table.from_pylist(group))
+    for index, stage_cls in enumerate(partition_stages(loaded.config), start=1):
+        ctx = run_context(loaded, run, run_id, stage_index=index)
+        ds = apply_stage(ds, stage_cls, loaded.config.stage_config(stage_cls), ctx)
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
+    ledger = ledger_rows_of(table.select([LEDGER_COLUMN]).to_pylist())
+    docs = table.filter(pc.equal(table["item_kind"], "web_doc"))
+    docs = docs.drop_columns([c for c in NOT_STORED if c in docs.column_names]).sort_by("item_id")
+    out_dir = run.partition_dir(pid)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if docs.num_rows:
+        pq.write_table(docs, out_dir / "docs.parquet.tmp")
+        (out_dir / "docs.parquet.tmp").replace(out_dir / "docs.parquet")
+    write_ledger(ledger, run.ledger_dir / f"part-{pid}.parquet")
+    kept = pc.sum(pc.equal(docs[DECISION_COLUMN], "keep")).as_py() or 0 if docs.num_rows else 0
+    summary = {"partition_id": pid, "files": len(group), "doc_rows": docs.num_rows,
+               "docs_kept": kept, "ledger_rows": len(ledger)}
+    write_atomic(out_dir / "_SUCCESS", json.dumps(summary).encode())
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# global steps: near-duplicate documents, then the LLM fine filter
+# ---------------------------------------------------------------------------
+
+def load_partition_docs(run: RunDir, partition_ids: list[str]) -> pa.Table | None:
+    tables = [pq.read_table(path) for pid in partition_ids
+              if (path := run.partition_dir(pid) / "docs.parquet").exists()]
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="default").sort_by("item_id")
+
+
+def _ledger_row(entry: LedgerEntry, stage: StagePlan, index: int, config_hash: str,
+                ctx: RunContext) -> dict[str, Any]:
+    return entry.to_row(run_id=ctx.run_id, stage=stage.name, stage_index=index,
+                        stage_version=stage.version, config_hash=config_hash,
+                        policy_hash=ctx.policy.policy_hash, code_version=ctx.code_version)
+
+
+def run_dedup(loaded: LoadedWebConfig, run: RunDir, run_id: str,
+              partition_ids: list[str]) -> dict[str, Any]:
+    """MinHash near-duplicates among the surviving documents; the policy decides."""
+    from weft.stages.web.minhash import near_duplicates
+
+    docs = load_partition_docs(run, partition_ids)
+    index = len(partition_stages(loaded.config)) + 1
+    ctx = run_context(loaded, run, run_id, stage_index=index)
+    survivors = [] if docs is None else \
+        docs.filter(pc.equal(docs[DECISION_COLUMN], "keep")).to_pylist()
+    cfg = loaded.config.dedup
+    config_hash = hash_of(DEDUP.name, DEDUP.version, cfg.model_dump(mode="json"), length=16)
+    found = near_duplicates([{"doc_id": r["item_id"], "text": r["text"] or ""}
+                             for r in survivors], threshold=cfg.lsh_threshold,
+                            num_perm=cfg.num_perm, shingle=cfg.shingle)
+    ledger, kept = [], []
+    for row, (scores, details) in zip(survivors, found, strict=True):
+        decision, reason = loaded.policy.decide(DEDUP.name, scores)
+        entry = LedgerEntry(item_id=row["item_id"], item_kind="web_doc",
+                            parent_id=row.get("parent_id"), source_id=row.get("source_id"),
+                            decision=decision, reason=reason, scores=scores,
+                            thresholds=loaded.policy.thresholds(DEDUP.name), details=details)
+        ledger.append(_ledger_row(entry, DEDUP, index, config_hash, ctx))
+        if decision == "keep":
+            kept.append(row)
+    write_ledger(ledger, run.ledger_dir / "dedup.parquet")
+    if loaded.llm_filter_active:
+        kept, llm_stats = run_llm_filter(kept, loaded, run, run_id, index + 1)
+    else:
+        llm_stats = {}
+    write_outputs(run, kept, docs)
+    return {"docs_in": len(survivors), "docs_kept": len(kept), "llm": llm_stats}
+
+
+def run_llm_filter(docs: list[dict[str, Any]], loaded: LoadedWebConfig, run: RunDir,
+                   run_id: str, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Ask the LLM only about documents in the uncertain band; the ledger says which."""
+    cfg = loaded.config.llm_filter
+    spec = loaded.registry.get(cfg.model)
+    revision = model_revision(spec)
+    prompt = load_prompt(cfg.prompt)
+    ctx = run_context(loaded, run, run_id, stage_index=index)
+    band = loaded.policy.thresholds(BAND_RULES)
+    in_band = [d for d in docs
+               if loaded.policy.decide(BAND_RULES, {"quality_score": d["quality_score"]})[0]
+               == "keep"]
+    requests = label_requests([(d["text"] or "")[:cfg.max_chars] for d in in_band], prompt,
+                              SamplingParams(max_tokens=cfg.max_tokens))
+    keys = [r.key(cfg.model, revision) for r in requests]
+    cache_path = Path(loaded.config.inference.cache_path or run.root / "cache" / "requests.sqlite")
+    with RequestCache(cache_path.expanduser()) as cache:
+        answers, stats = run_requests(dict(zip(keys, requests, strict=True)), spec, cfg.model,
+                                      revision, cache, total=len(keys))
+    asked = {d["item_id"]: answers[k] for d, k in zip(in_band, keys, strict=True)}
+    config_hash = hash_of(LLM_FILTER.name, LLM_FILTER.version, cfg.model_dump(mode="json"),
+                          length=16)
+    ledger, kept = [], []
+    for doc in docs:
+        completion = asked.get(doc["item_id"])
+        details: dict[str, Any] = {"band": band, "quality_score": doc["quality_score"],
+                                   "asked_llm": completion is not None}
+        model_id = model_rev = prompt_hash = None
+        if completion is None:  # confident classifier: no LLM call, the classifier decides
+            scores: dict[str, Any] = {"llm_quality": None}
+            decision, reason = "keep", "outside_band"
+        else:
+            label = parse_label(completion.text, cfg.labels)
+            scores = {"llm_quality": None if label is None else float(label == cfg.positive_label)}
+            decision, reason = loaded.policy.decide(LLM_FILTER.name, scores)
+            details.update(answer=completion.text, label=label,
+                           prompt_tokens=completion.prompt_tokens,
+                           completion_tokens=completion.completion_tokens,
+                           latency_ms=completion.latency_ms)
+            model_id, model_rev, prompt_hash = cfg.model, revision, prompt.prompt_hash
+        entry = LedgerEntry(item_id=doc["item_id"], item_kind="web_doc",
+                            parent_id=doc.get("parent_id"), source_id=doc.get("source_id"),
+                            decision=decision, reason=reason, scores=scores,
+                            thresholds=loaded.policy.thresholds(LLM_FILTER.name),
+                            details=details, model_id=model_id, model_revision=model_rev,
+                            prompt_hash=prompt_hash)
+        ledger.append(_ledger_row(entry, LLM_FILTER, index, config_hash, ctx))
+        if decision == "keep":
+            kept.append(doc)
+    write_ledger(ledger, run.ledger_dir / "llm_filter.parquet")
+    return kept, {**stats.as_dict(), "in_band": len(in_band), "docs": len(docs)}
+
+
+def write_outputs(run: RunDir, kept: list[dict[str, Any]], docs: pa.Table | None) -> None:
+    """outputs/docs.parquet: the kept documents, with the partition tables' types."""
+    run.outputs_dir.mkdir(parents=True, exist_ok=True)
+    if docs is None:
+        table = pa.table({"item_id": pa.array([], pa.string())})
+    else:
+        ids = pa.array([r["item_id"] for r in kept], pa.string())
+        table = docs.filter(pc.is_in(docs["item_id"], value_set=ids)).drop_columns(
+            [DECISION_COLUMN])
+    tmp = run.outputs_dir / "docs.parquet.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(run.outputs_dir / "docs.parquet")
+
+
+def read_run_ledger(run: RunDir) -> pa.Table:
+    return read_ledger(run.ledger_dir)
