@@ -22,7 +22,8 @@ app.add_typer(assets_app, name="assets")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
-web_app = typer.Typer(no_args_is_help=True, help="Web documents: train text classifiers.")
+web_app = typer.Typer(no_args_is_help=True,
+                      help="Web documents: run the curation flow, train text classifiers.")
 app.add_typer(web_app, name="web")
 console = Console()
 
@@ -193,6 +194,39 @@ def config_defaults(
         console.print(f"wrote {path}")
     else:
         sys.stdout.write(render())
+
+
+@web_app.command("run")
+def web_run(
+    input: Annotated[Path, typer.Option("--input", help="folder of HTML pages / record files")],
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="where outputs and ledger go")],
+    config: Annotated[Path | None, typer.Option("--config", help="YAML over defaults")] = None,
+) -> None:
+    """Curate web documents: parse, language, heuristics, classifier, images, dedup, LLM band."""
+    from weft.pipelines.common import ConfigError
+    from weft.pipelines.web import load_config, preflight
+    from weft.schemas.run_dir import ConfigMismatchError
+
+    try:  # bad configuration fails here, before Prefect or Ray start
+        preflight(load_config(config))
+        if not input.is_dir():
+            raise ConfigError(f"--input {input} is not a directory")
+    except ConfigError as exc:
+        _fail(str(exc))
+    from weft.flows import web_flow
+
+    try:
+        result = web_flow(input_dir=str(input), run_dir=str(run_dir),
+                          config_path=str(config) if config else None)
+    except (ConfigError, ConfigMismatchError) as exc:
+        _fail(str(exc))
+    print_funnel(result["funnel"])
+    llm = result["dedup"].get("llm") or {}
+    if llm:
+        console.print(f"llm_filter: {llm['in_band']} of {llm['docs']} documents in the "
+                      f"uncertain band; {llm['model_calls']} model calls, "
+                      f"{llm['cache_hits']} from the cache")
+    console.print(f"run {result['run_id']}: outputs in {result['run_dir']}")
 
 
 @web_app.command("train-classifier")

@@ -156,13 +156,13 @@ def _web_dedup_key(_: TaskRunContext, params: dict[str, Any]) -> str:
                    params["code_version"], params["run_dir"])
 
 
-@task(name="dedup-and-llm-filter", cache_key_fn=_web_dedup_key, persist_result=True,
+@task(name="web-global-steps", cache_key_fn=_web_dedup_key, persist_result=True,
       result_serializer="json")
 def dedup_web_docs(partition_ids: list[str], config_path: str | None, run_dir: str,
                    run_id: str, config_hash: str, code_version: str) -> dict[str, Any]:
-    """MinHash near-duplicates across partitions, then the LLM on the uncertain band."""
+    """Image copies across documents, structure, MinHash near-duplicates, the LLM band."""
     loaded = web.load_config(config_path)
-    return web.run_dedup(loaded, RunDir(Path(run_dir)), run_id, partition_ids)
+    return web.run_global(loaded, RunDir(Path(run_dir)), run_id, partition_ids)
 
 
 @flow(name="web_flow", log_prints=True)
@@ -178,6 +178,8 @@ def web_flow(input_dir: str, run_dir: str, config_path: str | None = None) -> di
               run_id=run_id, plan=[p.__dict__ for p in plan], code_version=common.code_version())
     files = common.discover(Path(input_dir), loaded.config.discover)
     sources, ingest_ledger = common.ingest(files, web.run_context(loaded, run, run_id))
+    for source in sources:  # local image paths must stay inside the input folder
+        source["doc_root"] = str(Path(input_dir).resolve())
     write_ledger(ingest_ledger, run.ledger_dir / "ingest.parquet")
     groups = common.partitions(sources, loaded.config.partition_size)
     pids = [common.partition_id(g) for g in groups]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import weft
 from weft.schemas.ids import hash_of, sha256_file
@@ -38,6 +38,9 @@ class DiscoverConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     recursive: bool = True
     include_hidden: bool = False
+    suffixes: list[str] | None = Field(
+        None, description="only files whose names end with one of these are inputs (other "
+                          "files, e.g. a page's images, are not); null = every file")
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +133,9 @@ def discover(input_dir: Path, config: DiscoverConfig) -> list[Path]:
     for path in sorted(input_dir.glob(pattern)):
         rel = path.relative_to(input_dir)
         if not config.include_hidden and any(p.startswith(".") for p in rel.parts):
+            continue
+        if config.suffixes is not None and not path.name.lower().endswith(
+                tuple(config.suffixes)):
             continue
         if path.is_file() and path.resolve().is_relative_to(root):
             files.append(path)

@@ -3,8 +3,10 @@
     ingest (hash, exact dedup of files)
       -> parse (expand: page -> 1 document, records file -> N)
       -> langid -> heuristics -> [quality_classifier] -> image_load -> image_rules
-      -> structure                                          (per partition, on Ray)
+                                                            (per partition, on Ray)
       -> dedup (global: MinHash LSH near-duplicate documents)
+      -> image_dedup (global: an image's copies in other documents; drops images)
+      -> structure (image/text layout, after images left)
       -> llm_filter (global: only documents whose classifier score is uncertain reach the LLM)
 
 The per-document stages run as one Ray Data plan per partition (a fixed group
@@ -49,13 +51,17 @@ from weft.stages.infer.runner import run_requests
 from weft.stages.infer.types import SamplingParams
 from weft.stages.web.fasttext_classifier import QualityClassifierStage, label_requests, parse_label
 from weft.stages.web.heuristics import HeuristicsStage
+from weft.stages.web.image_rules import ImageDedupConfig, ImageRulesStage, image_dedup_entries
 from weft.stages.web.images import ImageLoadStage
 from weft.stages.web.langid import LangIdStage
+from weft.stages.web.minhash import NearDupConfig, near_duplicate_entries
 from weft.stages.web.parse import ParseStage
+from weft.stages.web.structure import StructureStage
 
 PIPELINE = "web"
 DEFAULT_CONFIG = CONFIGS_DIR / "web.yaml"
 DEFAULT_POLICY = CONFIGS_DIR / "policies" / "web.yaml"
+IMAGE_DEDUP = StagePlan("image_dedup", "1", "map")
 DEDUP = StagePlan("dedup", "1", "map")
 LLM_FILTER = StagePlan("llm_filter", "1", "map")
 BAND_RULES = "llm_filter_band"  # policy block: quality_score bounds of the uncertain band
@@ -68,22 +74,14 @@ def partition_stages(config: WebPipelineConfig) -> list[type[Stage]]:
     stages: list[type[Stage]] = [ParseStage, LangIdStage, HeuristicsStage]
     if config.quality_classifier.model_path:
         stages.append(QualityClassifierStage)
-    stages.append(ImageLoadStage)
+    stages += [ImageLoadStage, ImageRulesStage]
     return stages
 
 
 ALL_PARTITION_STAGES: list[type[Stage]] = [ParseStage, LangIdStage, HeuristicsStage,
-                                           QualityClassifierStage, ImageLoadStage]
-
-
-class WebDedupConfig(BaseModel):
-    """MinHash LSH near-duplicate detection over every surviving document."""
-
-    model_config = ConfigDict(extra="forbid")
-    num_perm: int = Field(128, ge=16, description="MinHash permutations")
-    shingle: int = Field(5, ge=1, description="word n-gram size of the shingles")
-    lsh_threshold: float = Field(0.7, gt=0, lt=1, description="LSH candidate threshold; "
-                                 "the policy's near_duplicate_jaccard bound decides")
+                                           QualityClassifierStage, ImageLoadStage,
+                                           ImageRulesStage]
+GLOBAL_STAGE_NAMES = (IMAGE_DEDUP.name, StructureStage.name, DEDUP.name, LLM_FILTER.name)
 
 
 class LlmFilterConfig(BaseModel):
@@ -107,7 +105,8 @@ class WebPipelineConfig(BaseModel):
     version: int = 1
     policy: str = Field("policies/web.yaml", description="relative to this config's folder")
     partition_size: int = Field(32, ge=1, description="input files per resumable partition")
-    discover: DiscoverConfig = Field(default_factory=DiscoverConfig)
+    discover: DiscoverConfig = Field(default_factory=lambda: DiscoverConfig(suffixes=[
+        ".html", ".htm", ".xhtml", ".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".parquet"]))
     ray: RayConfig = Field(default_factory=RayConfig)
     parse: ParseStage.Config = Field(default_factory=ParseStage.Config)
     langid: LangIdStage.Config = Field(default_factory=LangIdStage.Config)
@@ -115,7 +114,10 @@ class WebPipelineConfig(BaseModel):
     quality_classifier: QualityClassifierStage.Config = Field(
         default_factory=QualityClassifierStage.Config)
     image_load: ImageLoadStage.Config = Field(default_factory=ImageLoadStage.Config)
-    dedup: WebDedupConfig = Field(default_factory=WebDedupConfig)
+    image_rules: ImageRulesStage.Config = Field(default_factory=ImageRulesStage.Config)
+    image_dedup: ImageDedupConfig = Field(default_factory=ImageDedupConfig)
+    structure: StructureStage.Config = Field(default_factory=StructureStage.Config)
+    dedup: NearDupConfig = Field(default_factory=NearDupConfig)
     models: str = Field("models.yaml", description="model registry, relative to this "
                                                    "config's folder")
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
@@ -158,7 +160,8 @@ def load_config(path: str | Path | None = None,
     raw = read_config(WebPipelineConfig, DEFAULT_CONFIG, path, overrides, PIPELINE)
     config: WebPipelineConfig = raw.config
     policy_path = raw.resolve(config.policy, "policy")
-    stages = {s.name for s in ALL_PARTITION_STAGES} | {DEDUP.name, LLM_FILTER.name, BAND_RULES}
+    stages = {s.name for s in ALL_PARTITION_STAGES} | {*GLOBAL_STAGE_NAMES, BAND_RULES,
+                                                       f"{ImageRulesStage.name}_per_image"}
     policy = read_policy(policy_path, stages)
     registry_path = raw.resolve(config.models, "models")
     try:
@@ -172,7 +175,7 @@ def load_config(path: str | Path | None = None,
                     llm_model_resolved={k: v for k, v in llm_spec.model_dump(mode="json").items()
                                         if k not in ("concurrency", "licence")})
     config_hash = output_hash(PIPELINE, resolved, ("ray", "policy", "models", "inference"),
-                              [s.name for s in ALL_PARTITION_STAGES])
+                              [s.name for s in (*ALL_PARTITION_STAGES, StructureStage)])
     return LoadedWebConfig(config=config, policy=policy, registry=registry, resolved=resolved,
                            config_hash=config_hash)
 
@@ -180,7 +183,9 @@ def load_config(path: str | Path | None = None,
 def plan(loaded: LoadedWebConfig) -> list[StagePlan]:
     """The ledger's stage order for this config."""
     stages = [StagePlan(s.name, s.version, s.kind) for s in partition_stages(loaded.config)]
-    return [INGEST, *stages, DEDUP, *([LLM_FILTER] if loaded.llm_filter_active else [])]
+    structure = StagePlan(StructureStage.name, StructureStage.version, "map")
+    return [INGEST, *stages, DEDUP, IMAGE_DEDUP, structure,
+            *([LLM_FILTER] if loaded.llm_filter_active else [])]
 
 
 def preflight(loaded: LoadedWebConfig) -> None:
@@ -258,38 +263,50 @@ def _ledger_row(entry: LedgerEntry, stage: StagePlan, index: int, config_hash: s
                         policy_hash=ctx.policy.policy_hash, code_version=ctx.code_version)
 
 
-def run_dedup(loaded: LoadedWebConfig, run: RunDir, run_id: str,
-              partition_ids: list[str]) -> dict[str, Any]:
-    """MinHash near-duplicates among the surviving documents; the policy decides."""
-    from weft.stages.web.minhash import near_duplicates
+def _keep(entries: list[LedgerEntry], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r, e in zip(rows, entries, strict=True) if e.decision == "keep"]
 
+
+def run_global(loaded: LoadedWebConfig, run: RunDir, run_id: str,
+               partition_ids: list[str]) -> dict[str, Any]:
+    """The steps that compare documents with each other, then the LLM; writes outputs."""
     docs = load_partition_docs(run, partition_ids)
-    index = len(partition_stages(loaded.config)) + 1
-    ctx = run_context(loaded, run, run_id, stage_index=index)
-    survivors = [] if docs is None else \
+    rows = [] if docs is None else \
         docs.filter(pc.equal(docs[DECISION_COLUMN], "keep")).to_pylist()
-    cfg = loaded.config.dedup
-    config_hash = hash_of(DEDUP.name, DEDUP.version, cfg.model_dump(mode="json"), length=16)
-    found = near_duplicates([{"doc_id": r["item_id"], "text": r["text"] or ""}
-                             for r in survivors], threshold=cfg.lsh_threshold,
-                            num_perm=cfg.num_perm, shingle=cfg.shingle)
-    ledger, kept = [], []
-    for row, (scores, details) in zip(survivors, found, strict=True):
-        decision, reason = loaded.policy.decide(DEDUP.name, scores)
-        entry = LedgerEntry(item_id=row["item_id"], item_kind="web_doc",
-                            parent_id=row.get("parent_id"), source_id=row.get("source_id"),
-                            decision=decision, reason=reason, scores=scores,
-                            thresholds=loaded.policy.thresholds(DEDUP.name), details=details)
-        ledger.append(_ledger_row(entry, DEDUP, index, config_hash, ctx))
-        if decision == "keep":
-            kept.append(row)
-    write_ledger(ledger, run.ledger_dir / "dedup.parquet")
+    index = len(partition_stages(loaded.config)) + 1
+    ledger: list[dict[str, Any]] = []
+    n_in = len(rows)
+
+    # dedup: MinHash near-duplicate documents
+    ctx = run_context(loaded, run, run_id, stage_index=index)
+    entries = near_duplicate_entries(rows, loaded.policy, loaded.config.dedup)
+    config_hash = hash_of(DEDUP.name, loaded.config.dedup.model_dump(), length=16)
+    ledger += [_ledger_row(e, DEDUP, index, config_hash, ctx) for e in entries]
+    rows = _keep(entries, rows)
+
+    # image_dedup: copies of an image across documents leave all but the best one
+    ctx = run_context(loaded, run, run_id, stage_index=index + 1)
+    found = image_dedup_entries(rows, loaded.policy, loaded.config.image_dedup)
+    config_hash = hash_of(IMAGE_DEDUP.name, loaded.config.image_dedup.model_dump(), length=16)
+    for row, (entry, columns) in zip(rows, found, strict=True):
+        row.update(columns)
+        ledger.append(_ledger_row(entry, IMAGE_DEDUP, index + 1, config_hash, ctx))
+
+    # structure: judged on the images that are left
+    structure = StructureStage(loaded.config.structure,
+                               run_context(loaded, run, run_id, stage_index=index + 2))
+    for row in rows:
+        row[LEDGER_COLUMN] = []
+    done = structure.process_rows(rows)
+    ledger += ledger_rows_of(done)
+    rows = [r for r in done if r[DECISION_COLUMN] == "keep"]
+    write_ledger(ledger, run.ledger_dir / "global.parquet")
+
+    llm_stats: dict[str, Any] = {}
     if loaded.llm_filter_active:
-        kept, llm_stats = run_llm_filter(kept, loaded, run, run_id, index + 1)
-    else:
-        llm_stats = {}
-    write_outputs(run, kept, docs)
-    return {"docs_in": len(survivors), "docs_kept": len(kept), "llm": llm_stats}
+        rows, llm_stats = run_llm_filter(rows, loaded, run, run_id, index + 3)
+    write_outputs(run, rows, docs)
+    return {"docs_in": n_in, "docs_kept": len(rows), "llm": llm_stats}
 
 
 def run_llm_filter(docs: list[dict[str, Any]], loaded: LoadedWebConfig, run: RunDir,
@@ -304,8 +321,8 @@ def run_llm_filter(docs: list[dict[str, Any]], loaded: LoadedWebConfig, run: Run
     in_band = [d for d in docs
                if loaded.policy.decide(BAND_RULES, {"quality_score": d["quality_score"]})[0]
                == "keep"]
-    requests = label_requests([(d["text"] or "")[:cfg.max_chars] for d in in_band], prompt,
-                              SamplingParams(max_tokens=cfg.max_tokens))
+    requests = label_requests([d["text"] or "" for d in in_band], prompt,
+                              SamplingParams(max_tokens=cfg.max_tokens), cfg.max_chars)
     keys = [r.key(cfg.model, revision) for r in requests]
     cache_path = Path(loaded.config.inference.cache_path or run.root / "cache" / "requests.sqlite")
     with RequestCache(cache_path.expanduser()) as cache:
@@ -346,14 +363,14 @@ def run_llm_filter(docs: list[dict[str, Any]], loaded: LoadedWebConfig, run: Run
 
 
 def write_outputs(run: RunDir, kept: list[dict[str, Any]], docs: pa.Table | None) -> None:
-    """outputs/docs.parquet: the kept documents, with the partition tables' types."""
+    """outputs/docs.parquet: the kept documents (images as the global steps left them)."""
     run.outputs_dir.mkdir(parents=True, exist_ok=True)
     if docs is None:
         table = pa.table({"item_id": pa.array([], pa.string())})
     else:
-        ids = pa.array([r["item_id"] for r in kept], pa.string())
-        table = docs.filter(pc.is_in(docs["item_id"], value_set=ids)).drop_columns(
-            [DECISION_COLUMN])
+        schema = pa.schema([f for f in docs.schema if f.name != DECISION_COLUMN])
+        table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in kept],
+                                     schema=schema)
     tmp = run.outputs_dir / "docs.parquet.tmp"
     pq.write_table(table, tmp)
     tmp.replace(run.outputs_dir / "docs.parquet")

@@ -346,14 +346,15 @@ def text_similarities(clip: ClipRelevance, items: Sequence[dict[str, Any]],
                       batch_size: int) -> list[float | None]:
     """Per image: max CLIP cosine to its neighbouring texts; None without pixels or text."""
     sims: list[float | None] = [None] * len(measures)
-    todo = [(m, neighbour_texts(items, m.item_index, chars)) for m in measures]
-    todo = [(i, m, [t for t in pair if t]) for i, (m, pair) in enumerate(todo)
-            if m.rgb is not None and any(pair)]
+    todo: list[tuple[int, np.ndarray, list[str]]] = []  # (index, pixels, its texts)
+    for i, m in enumerate(measures):
+        texts = [t for t in neighbour_texts(items, m.item_index, chars) if t]
+        if m.rgb is not None and texts:
+            todo.append((i, m.rgb, texts))
     if not todo:
         return sims
-    image_feats = clip.encode_images([m.rgb for _, m, _ in todo], batch_size)  # type: ignore[misc]
-    texts = [t for _, _, ts in todo for t in ts]
-    text_feats = clip.encode_texts(texts, batch_size)
+    image_feats = clip.encode_images([rgb for _, rgb, _ in todo], batch_size)
+    text_feats = clip.encode_texts([t for _, _, ts in todo for t in ts], batch_size)
     offset = 0
     for row, (i, _, ts) in enumerate(todo):
         cos = text_feats[offset:offset + len(ts)] @ image_feats[row]
@@ -510,7 +511,7 @@ class ImageRulesStage(Stage):
     name: ClassVar[str] = STAGE
     version: ClassVar[str] = "1"
     kind = "map"
-    item_kind: ClassVar[str] = "document"
+    item_kind: ClassVar[str] = "web_doc"
     Config: ClassVar[type[StageConfig]] = ImageRulesConfig
     input_columns: ClassVar[tuple[str, ...]] = ("items", "image_status", "image_bytes")
     output_fields: ClassVar[list[pa.Field]] = IMAGE_RULES_FIELDS
@@ -636,7 +637,7 @@ def image_dedup_entries(rows: Sequence[dict[str, Any]], policy: Policy,
                 image["duplicate_of"] = None
         scores = {**scores, "num_images_dropped": len(drops)}
         entry = LedgerEntry(
-            item_id=_doc_id(row), item_kind="document", parent_id=row.get("parent_id"),
+            item_id=_doc_id(row), item_kind="web_doc", parent_id=row.get("parent_id"),
             source_id=row.get("source_id"), decision="keep", reason="ok", scores=scores,
             thresholds=policy.thresholds(IMAGE_DEDUP_STAGE), details=details)
         entries.append((entry, drop_images(row, drops) if drops else {}))

@@ -113,9 +113,7 @@ def near_duplicates(docs: Sequence[dict[str, Any]], threshold: float = 0.5, num_
 
     `threshold` is the LSH candidate threshold, not the policy's bound.
     """
-    ids = [_doc_id(d) for d in docs]
-    if len(set(ids)) != len(ids):
-        raise ValueError("near_duplicates needs distinct document ids")
+    ids = [_doc_id(d) for d in docs]  # a repeated id (same content read twice) scores 1.0
     texts = [normalize_text(document_text(d)) for d in docs]
     order = sorted(range(len(docs)), key=lambda i: (-len(texts[i]), ids[i]))
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
@@ -161,7 +159,7 @@ def near_duplicate_entries(rows: Sequence[dict[str, Any]], policy: Policy,
             details["nearest"] = details.pop("duplicate_of")
             details["duplicate_of"] = None
         entries.append(LedgerEntry(
-            item_id=_doc_id(row), item_kind="document", parent_id=row.get("parent_id"),
+            item_id=_doc_id(row), item_kind="web_doc", parent_id=row.get("parent_id"),
             source_id=row.get("source_id"), decision=decision, reason=reason, scores=scores,
             thresholds=policy.thresholds(DEDUP_STAGE), details=details))
     return entries

@@ -79,7 +79,7 @@ class StructureStage(Stage):
     name: ClassVar[str] = "structure"
     version: ClassVar[str] = "1"
     kind = "map"
-    item_kind: ClassVar[str] = "document"
+    item_kind: ClassVar[str] = "web_doc"
     Config: ClassVar[type[StageConfig]] = StructureConfig
     input_columns: ClassVar[tuple[str, ...]] = ("items",)  # adds no columns: scores -> ledger
     uses_model = False

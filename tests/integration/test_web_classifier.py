@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,31 +34,14 @@ from weft.stages.web.fasttext_classifier import (
 )
 from weft.stages.web.langid import LangIdConfig, LangIdStage
 
+sys.path.insert(0, str(Path(__file__).parent))
+from web_inputs import fortunes, wiki_texts
+
 pytestmark = pytest.mark.integration
 
 POLICY = Path(__file__).resolve().parents[2] / "configs" / "policies" / "web.yaml"
 LANGS = {"en": "summaries_en-us.json", "fr": "summaries_fr-fr.json", "es": "summaries_es-es.json"}
 PER_CLASS = 1000  # training texts per quality class
-
-
-def wiki_texts(path: Path) -> list[str]:
-    """Lead paragraphs of a summaries file, in title order."""
-    data = json.loads(path.read_text())
-    return [v["extract"].strip() for _, v in sorted(data.items())
-            if isinstance(v, dict) and (v.get("extract") or "").strip()]
-
-
-def fortunes(path: Path) -> list[str]:
-    """The entries of a fortune file ("%" lines separate them)."""
-    entries, current = [], []
-    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
-        if line.strip() == "%":
-            entries.append("\n".join(current).strip())
-            current = []
-        else:
-            current.append(line)
-    entries.append("\n".join(current).strip())
-    return [e for e in entries if e]
 
 
 @pytest.fixture(scope="module")

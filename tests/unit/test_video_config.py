@@ -57,3 +57,24 @@ def test_policy_for_an_unknown_stage_is_refused(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("policy: p.yaml\n")
     with pytest.raises(video.ConfigError, match="unknown stages"):
         video.load_config(tmp_path / "c.yaml")
+
+
+def test_configs_web_yaml_matches_the_models() -> None:
+    from weft.pipelines import web
+
+    assert web.DEFAULT_CONFIG.read_text() == web.default_config_yaml(), (
+        "configs/web.yaml is stale: run `weft config defaults web --write`")
+    assert web.load_config().config.discover.suffixes  # web inputs are pages and records only
+
+
+def test_web_plan_follows_the_config(tmp_path: Path) -> None:
+    from weft.pipelines import web
+
+    names = [p.name for p in web.plan(web.load_config())]
+    assert "quality_classifier" not in names and "llm_filter" not in names
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"x")
+    loaded = web.load_config(overrides={"quality_classifier": {"model_path": str(model)}})
+    names = [p.name for p in web.plan(loaded)]
+    assert names.index("quality_classifier") < names.index("image_load")
+    assert names[-1] == "llm_filter"
