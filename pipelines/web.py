@@ -8,6 +8,8 @@
       -> image_dedup (global: an image's copies in other documents; drops images)
       -> structure (image/text layout, after images left)
       -> llm_filter (global: only documents whose classifier score is uncertain reach the LLM)
+      -> caption_first (a VLM caption before each kept image)
+      -> summarize (an LLM summary for each text run over max_run_tokens; original kept)
 
 The per-document stages run as one Ray Data plan per partition (a fixed group
 of input files), so a killed run redoes at most the partitions in flight.
@@ -47,8 +49,18 @@ from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, RunContext, Stage, 
 from weft.stages.infer.cache import RequestCache
 from weft.stages.infer.prompts import load_prompt
 from weft.stages.infer.registry import ModelRegistry, load_registry, model_revision
-from weft.stages.infer.runner import run_requests
-from weft.stages.infer.types import SamplingParams
+from weft.stages.infer.runner import InferenceStats, run_requests
+from weft.stages.infer.types import ChatRequest, Completion, SamplingParams
+from weft.stages.web.enrich import (
+    CaptionFirstConfig,
+    SummarizeConfig,
+    TextRun,
+    apply_enrichment,
+    caption_requests,
+    long_runs,
+    summary_requests,
+    usable_summary,
+)
 from weft.stages.web.fasttext_classifier import QualityClassifierStage, label_requests, parse_label
 from weft.stages.web.heuristics import HeuristicsStage
 from weft.stages.web.image_rules import ImageDedupConfig, ImageRulesStage, image_dedup_entries
@@ -64,9 +76,11 @@ DEFAULT_POLICY = CONFIGS_DIR / "policies" / "web.yaml"
 IMAGE_DEDUP = StagePlan("image_dedup", "1", "map")
 DEDUP = StagePlan("dedup", "1", "map")
 LLM_FILTER = StagePlan("llm_filter", "1", "map")
+CAPTION_FIRST = StagePlan("caption_first", "1", "map")
+SUMMARIZE = StagePlan("summarize", "1", "map")
 BAND_RULES = "llm_filter_band"  # policy block: quality_score bounds of the uncertain band
-# Columns that never leave a partition (pixels) or are bookkeeping.
-NOT_STORED = ("image_bytes", LEDGER_COLUMN)
+# Bookkeeping that never leaves a partition (image bytes do: captions and shards need them).
+NOT_STORED = (LEDGER_COLUMN,)
 
 
 def partition_stages(config: WebPipelineConfig) -> list[type[Stage]]:
@@ -81,7 +95,8 @@ def partition_stages(config: WebPipelineConfig) -> list[type[Stage]]:
 ALL_PARTITION_STAGES: list[type[Stage]] = [ParseStage, LangIdStage, HeuristicsStage,
                                            QualityClassifierStage, ImageLoadStage,
                                            ImageRulesStage]
-GLOBAL_STAGE_NAMES = (IMAGE_DEDUP.name, StructureStage.name, DEDUP.name, LLM_FILTER.name)
+GLOBAL_STAGE_NAMES = (IMAGE_DEDUP.name, StructureStage.name, DEDUP.name, LLM_FILTER.name,
+                      CAPTION_FIRST.name, SUMMARIZE.name)
 
 
 class LlmFilterConfig(BaseModel):
@@ -122,6 +137,8 @@ class WebPipelineConfig(BaseModel):
                                                    "config's folder")
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     llm_filter: LlmFilterConfig = Field(default_factory=LlmFilterConfig)
+    caption_first: CaptionFirstConfig = Field(default_factory=CaptionFirstConfig)
+    summarize: SummarizeConfig = Field(default_factory=SummarizeConfig)
 
     def stage_config(self, stage_cls: type[Stage]) -> Any:
         return getattr(self, stage_cls.name)
@@ -166,14 +183,16 @@ def load_config(path: str | Path | None = None,
     registry_path = raw.resolve(config.models, "models")
     try:
         registry = load_registry(registry_path)
-        llm_spec = registry.get(config.llm_filter.model)
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(f"llm_filter.model: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    used = {config.llm_filter.model, config.caption_first.model, config.summarize.model}
     resolved = config.model_dump(mode="json")
     resolved.update(policy=str(policy_path), policy_resolved=policy.model_dump(mode="json"),
                     models=str(registry_path),
-                    llm_model_resolved={k: v for k, v in llm_spec.model_dump(mode="json").items()
-                                        if k not in ("concurrency", "licence")})
+                    models_resolved={name: {k: v for k, v in spec.model_dump(mode="json").items()
+                                            if k not in ("concurrency", "licence")}
+                                     for name, spec in sorted(registry.models.items())
+                                     if name in used})
     config_hash = output_hash(PIPELINE, resolved, ("ray", "policy", "models", "inference"),
                               [s.name for s in (*ALL_PARTITION_STAGES, StructureStage)])
     return LoadedWebConfig(config=config, policy=policy, registry=registry, resolved=resolved,
@@ -184,8 +203,11 @@ def plan(loaded: LoadedWebConfig) -> list[StagePlan]:
     """The ledger's stage order for this config."""
     stages = [StagePlan(s.name, s.version, s.kind) for s in partition_stages(loaded.config)]
     structure = StagePlan(StructureStage.name, StructureStage.version, "map")
+    config = loaded.config
     return [INGEST, *stages, DEDUP, IMAGE_DEDUP, structure,
-            *([LLM_FILTER] if loaded.llm_filter_active else [])]
+            *([LLM_FILTER] if loaded.llm_filter_active else []),
+            *([CAPTION_FIRST] if config.caption_first.enabled else []),
+            *([SUMMARIZE] if config.summarize.enabled else [])]
 
 
 def preflight(loaded: LoadedWebConfig) -> None:
@@ -194,6 +216,14 @@ def preflight(loaded: LoadedWebConfig) -> None:
     if classifier and not Path(classifier).expanduser().is_file():
         raise ConfigError(f"quality_classifier.model_path {classifier} does not exist "
                           "(train one with `weft web train-classifier`)")
+    for name, step in (("caption_first", loaded.config.caption_first),
+                       ("summarize", loaded.config.summarize)):
+        if step.enabled:
+            try:
+                loaded.registry.check(step.model)
+                load_prompt(step.prompt)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ConfigError(f"{name}: {exc}") from exc
     if loaded.llm_filter_active:
         if BAND_RULES not in loaded.policy.rules:
             raise ConfigError(f"the policy has no `{BAND_RULES}` block: the LLM filter needs "
@@ -303,18 +333,32 @@ def run_global(loaded: LoadedWebConfig, run: RunDir, run_id: str,
     write_ledger(ledger, run.ledger_dir / "global.parquet")
 
     llm_stats: dict[str, Any] = {}
+    index += 3
     if loaded.llm_filter_active:
-        rows, llm_stats = run_llm_filter(rows, loaded, run, run_id, index + 3)
+        rows, llm_stats = run_llm_filter(rows, loaded, run, run_id, index)
+        index += 1
+    rows, enrich_stats = run_enrich(rows, loaded, run, run_id, index)
     write_outputs(run, rows, docs)
-    return {"docs_in": n_in, "docs_kept": len(rows), "llm": llm_stats}
+    return {"docs_in": n_in, "docs_kept": len(rows), "llm": llm_stats, **enrich_stats}
+
+
+def ask_model(loaded: LoadedWebConfig, run: RunDir, model: str, revision: str,
+              requests: list[ChatRequest]) -> tuple[list[Completion], InferenceStats]:
+    """Answers in request order, through the run's request cache (misses only reach the model)."""
+    keys = [r.key(model, revision) for r in requests]
+    cache_path = Path(loaded.config.inference.cache_path or run.root / "cache" / "requests.sqlite")
+    with RequestCache(cache_path.expanduser()) as cache:
+        answers, stats = run_requests(dict(zip(keys, requests, strict=True)),
+                                      loaded.registry.get(model), model, revision, cache,
+                                      total=len(keys))
+    return [answers[k] for k in keys], stats
 
 
 def run_llm_filter(docs: list[dict[str, Any]], loaded: LoadedWebConfig, run: RunDir,
                    run_id: str, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Ask the LLM only about documents in the uncertain band; the ledger says which."""
     cfg = loaded.config.llm_filter
-    spec = loaded.registry.get(cfg.model)
-    revision = model_revision(spec)
+    revision = model_revision(loaded.registry.get(cfg.model))
     prompt = load_prompt(cfg.prompt)
     ctx = run_context(loaded, run, run_id, stage_index=index)
     band = loaded.policy.thresholds(BAND_RULES)
@@ -323,12 +367,8 @@ def run_llm_filter(docs: list[dict[str, Any]], loaded: LoadedWebConfig, run: Run
                == "keep"]
     requests = label_requests([d["text"] or "" for d in in_band], prompt,
                               SamplingParams(max_tokens=cfg.max_tokens), cfg.max_chars)
-    keys = [r.key(cfg.model, revision) for r in requests]
-    cache_path = Path(loaded.config.inference.cache_path or run.root / "cache" / "requests.sqlite")
-    with RequestCache(cache_path.expanduser()) as cache:
-        answers, stats = run_requests(dict(zip(keys, requests, strict=True)), spec, cfg.model,
-                                      revision, cache, total=len(keys))
-    asked = {d["item_id"]: answers[k] for d, k in zip(in_band, keys, strict=True)}
+    completions, stats = ask_model(loaded, run, cfg.model, revision, requests)
+    asked = {d["item_id"]: c for d, c in zip(in_band, completions, strict=True)}
     config_hash = hash_of(LLM_FILTER.name, LLM_FILTER.version, cfg.model_dump(mode="json"),
                           length=16)
     ledger, kept = [], []
@@ -360,6 +400,90 @@ def run_llm_filter(docs: list[dict[str, Any]], loaded: LoadedWebConfig, run: Run
             kept.append(doc)
     write_ledger(ledger, run.ledger_dir / "llm_filter.parquet")
     return kept, {**stats.as_dict(), "in_band": len(in_band), "docs": len(docs)}
+
+
+def run_enrich(docs: list[dict[str, Any]], loaded: LoadedWebConfig, run: RunDir,
+               run_id: str, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Caption-first and summaries of long text runs; ledger rows for both stages."""
+    cap_cfg, sum_cfg = loaded.config.caption_first, loaded.config.summarize
+    stats: dict[str, Any] = {}
+    model_ids: dict[str, str] = {}
+    captions: list[list[Completion]] = [[] for _ in docs]
+    runs: list[list[TextRun]] = [[] for _ in docs]
+    summaries: list[list[Completion]] = [[] for _ in docs]
+    ledger: list[dict[str, Any]] = []
+    ctx = run_context(loaded, run, run_id, stage_index=index)
+    if cap_cfg.enabled:
+        revision = model_revision(loaded.registry.get(cap_cfg.model))
+        prompt = load_prompt(cap_cfg.prompt)
+        per_doc = [caption_requests(d, prompt, cap_cfg) for d in docs]
+        flat, cap_stats = ask_model(loaded, run, cap_cfg.model, revision,
+                                    [r for reqs in per_doc for r in reqs])
+        answers = iter(flat)
+        captions = [[next(answers) for _ in reqs] for reqs in per_doc]
+        model_ids["caption_first"] = f"{cap_cfg.model}@{revision}"
+        stats["caption_first"] = cap_stats.as_dict()
+        config_hash = hash_of(CAPTION_FIRST.name, cap_cfg.model_dump(mode="json"), length=16)
+        for doc, answers_of_doc in zip(docs, captions, strict=True):
+            scores = {"num_images": len(answers_of_doc),
+                      "num_captioned": sum(1 for a in answers_of_doc
+                                           if a.error is None and a.text.strip()),
+                      "caption_errors": sum(1 for a in answers_of_doc if a.error)}
+            details = {"captions": [{"text": a.text, "completion_tokens": a.completion_tokens,
+                                     "latency_ms": a.latency_ms, "error": a.error}
+                                    for a in answers_of_doc]}
+            ledger.append(_ledger_row(_doc_entry(doc, loaded, CAPTION_FIRST, scores, details,
+                                                 cap_cfg.model, revision, prompt.prompt_hash),
+                                      CAPTION_FIRST, index, config_hash, ctx))
+        index += 1
+    if sum_cfg.enabled:
+        import transformers
+
+        spec = loaded.registry.get(sum_cfg.model)
+        revision = model_revision(spec)
+        prompt = load_prompt(sum_cfg.prompt)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(spec.local_path))
+
+        def count(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        runs = [long_runs(d["items"], count, sum_cfg.max_run_tokens) for d in docs]
+        flat, sum_stats = ask_model(loaded, run, sum_cfg.model, revision,
+                                    [r for doc_runs in runs
+                                     for r in summary_requests(doc_runs, prompt, sum_cfg)])
+        answers = iter(flat)
+        summaries = [[next(answers) for _ in doc_runs] for doc_runs in runs]
+        model_ids["summarize"] = f"{sum_cfg.model}@{revision}"
+        stats["summarize"] = sum_stats.as_dict()
+        config_hash = hash_of(SUMMARIZE.name, sum_cfg.model_dump(mode="json"), length=16)
+        ctx = run_context(loaded, run, run_id, stage_index=index)
+        for doc, doc_runs, answers_of_doc in zip(docs, runs, summaries, strict=True):
+            scores = {"num_long_runs": len(doc_runs),
+                      "num_summarised": sum(usable_summary(r, a) for r, a in
+                                            zip(doc_runs, answers_of_doc, strict=True)),
+                      "summary_errors": sum(1 for a in answers_of_doc if a.error),
+                      "tokens_before": sum(count(r.text) for r in doc_runs),
+                      "tokens_after": sum(a.completion_tokens for a in answers_of_doc)}
+            details = {"runs": [[r.start, r.end] for r in doc_runs]}
+            ledger.append(_ledger_row(_doc_entry(doc, loaded, SUMMARIZE, scores, details,
+                                                 sum_cfg.model, revision, prompt.prompt_hash),
+                                      SUMMARIZE, index, config_hash, ctx))
+    write_ledger(ledger, run.ledger_dir / "enrich.parquet")
+    for k, doc in enumerate(docs):
+        doc.update(apply_enrichment(doc, captions[k], runs[k], summaries[k], model_ids))
+    return docs, stats
+
+
+def _doc_entry(doc: dict[str, Any], loaded: LoadedWebConfig, stage: StagePlan,
+               scores: dict[str, Any], details: dict[str, Any], model_id: str, revision: str,
+               prompt_hash: str) -> LedgerEntry:
+    """A kept document's entry for an enrichment stage (the policy may still drop it)."""
+    decision, reason = loaded.policy.decide(stage.name, scores)
+    return LedgerEntry(item_id=doc["item_id"], item_kind="web_doc",
+                       parent_id=doc.get("parent_id"), source_id=doc.get("source_id"),
+                       decision=decision, reason=reason, scores=scores,
+                       thresholds=loaded.policy.thresholds(stage.name), details=details,
+                       model_id=model_id, model_revision=revision, prompt_hash=prompt_hash)
 
 
 def write_outputs(run: RunDir, kept: list[dict[str, Any]], docs: pa.Table | None) -> None:

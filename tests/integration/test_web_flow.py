@@ -58,7 +58,8 @@ def web_run(tmp_path_factory, asset) -> dict[str, Any]:
                      data_source="wikipedia summaries (high) vs fortunes cookie (low)")
     tiny = make_tiny_models(root / "tiny")
     (root / "models.yaml").write_text(yaml.safe_dump({"models": {
-        "filter-llm": {"path": str(tiny["qwen2_5"]), "kind": "llm", "batch_size": 4}}}))
+        "filter-llm": {"path": str(tiny["qwen2_5"]), "kind": "llm", "batch_size": 4},
+        "caption-vlm": {"path": str(tiny["qwen2_5_vl"]), "kind": "vlm", "batch_size": 4}}}))
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump({
         "models": str(root / "models.yaml"),
@@ -96,7 +97,8 @@ def test_every_input_and_document_is_accounted_for(web_run) -> None:
     funnel = {r.stage: r for r in check_invariant(read_ledger(run.ledger_dir), plan, n_inputs)}
     assert [p.name for p in plan] == ["ingest", "parse", "langid", "heuristics",
                                       "quality_classifier", "image_load", "image_rules",
-                                      "dedup", "image_dedup", "structure", "llm_filter"]
+                                      "dedup", "image_dedup", "structure", "llm_filter",
+                                      "caption_first", "summarize"]
     assert funnel["parse"].error_reasons == {"empty_document": 1, "invalid_json": 1,
                                              "invalid_record": 1}
     assert funnel["parse"].items_in == n_inputs - 1 + 3  # records.jsonl: 3 records, not 1
@@ -181,3 +183,33 @@ def test_changed_config_is_refused_and_rerun_is_cached(web_run, tmp_path) -> Non
     with pytest.raises(ConfigMismatchError, match=r"dedup\.num_perm: 128 -> 64"):
         web_flow(input_dir=inputs, run_dir=str(web_run["run_dir"]), config_path=str(changed))
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_each_kept_image_is_captioned_first_and_long_runs_summarised(web_run) -> None:
+    out = pq.read_table(web_run["run_dir"] / "outputs" / "docs.parquet").to_pylist()
+    rows = _rows(web_run["run_dir"])
+    summarize = {r["item_id"]: json.loads(r["scores"]) for r in rows if r["stage"] == "summarize"}
+    captioned = {r["item_id"]: r for r in rows if r["stage"] == "caption_first"}
+    for doc in out:
+        meta = json.loads(doc["metadata"])
+        items = doc["items"]
+        images = [k for k, i in enumerate(items) if i["type"] == "image"]
+        # a caption (a text item listed in metadata.captions) right before every image
+        assert [c["item_index"] + 1 for c in meta["captions"]] == images
+        assert all(items[k - 1]["type"] == "text" and items[k - 1]["text"] for k in images)
+        entry = captioned[doc["item_id"]]
+        assert entry["model_id"] == "caption-vlm" and entry["prompt_hash"]
+        assert json.loads(entry["scores"])["num_captioned"] == len(images)
+        # long text runs replaced by shorter summaries, originals kept (the tiny random
+        # LLM's answers are rarely shorter, so most runs keep their original text)
+        assert len(meta["summaries"]) == summarize[doc["item_id"]]["num_summarised"]
+        assert summarize[doc["item_id"]]["num_summarised"] <= \
+            summarize[doc["item_id"]]["num_long_runs"]
+        for s in meta["summaries"]:
+            assert len(s["original"]) > len(items[s["item_index"]]["text"]) > 0
+    assert sum(s["num_long_runs"] for s in summarize.values()) >= 1
+    assert web_run["result"]["dedup"]["summarize"]["model_calls"] == sum(
+        s["num_long_runs"] for s in summarize.values())
+    stats = web_run["result"]["dedup"]
+    assert stats["caption_first"]["model_calls"] == sum(
+        json.loads(r["scores"])["num_images"] for r in captioned.values())
