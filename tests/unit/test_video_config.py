@@ -77,4 +77,4 @@ def test_web_plan_follows_the_config(tmp_path: Path) -> None:
     loaded = web.load_config(overrides={"quality_classifier": {"model_path": str(model)}})
     names = [p.name for p in web.plan(loaded)]
     assert names.index("quality_classifier") < names.index("image_load")
-    assert names[-1] == "llm_filter"
+    assert names.index("structure") < names.index("llm_filter") < names.index("caption_first")
