@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -35,6 +35,24 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _run_flow(pipeline: Any, flow_name: str, input: Path, run_dir: Path,
+              config: Path | None) -> dict[str, Any]:
+    """Check the config before Prefect or Ray start, run the flow, fail with one message."""
+    from weft import flows
+    from weft.pipelines.common import ConfigError
+    from weft.schemas.run_dir import ConfigMismatchError
+
+    try:
+        pipeline.preflight(pipeline.load_config(config))
+        if not input.is_dir():
+            raise ConfigError(f"--input {input} is not a directory")
+        return getattr(flows, flow_name)(input_dir=str(input), run_dir=str(run_dir),
+                                         config_path=str(config) if config else None)
+    except (ConfigError, ConfigMismatchError) as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
+
+
 def print_funnel(funnel: list[dict]) -> None:
     """The end-of-run summary table: in / kept / dropped by reason / errors per stage."""
     table = Table(title="funnel", show_lines=False)
@@ -56,22 +74,9 @@ def video(
     config: Annotated[Path | None, typer.Option("--config", help="YAML over defaults")] = None,
 ) -> None:
     """Curate videos: shots, clips, crop, quality, dedup, key frames (a Prefect flow on Ray)."""
-    from weft.pipelines.video import ConfigError, load_config, preflight
-    from weft.schemas.run_dir import ConfigMismatchError
+    from weft.pipelines import video as pipeline
 
-    try:  # bad configuration fails here, before Prefect or Ray start
-        preflight(load_config(config))
-        if not input.is_dir():
-            raise ConfigError(f"--input {input} is not a directory")
-    except ConfigError as exc:
-        _fail(str(exc))
-    from weft.flows import video_flow
-
-    try:
-        result = video_flow(input_dir=str(input), run_dir=str(run_dir),
-                            config_path=str(config) if config else None)
-    except (ConfigError, ConfigMismatchError) as exc:
-        _fail(str(exc))
+    result = _run_flow(pipeline, "video_flow", input, run_dir, config)
     print_funnel(result["funnel"])
     cap = result["caption"]
     console.print(f"captions: {cap['samples']} samples from {cap['clips_in']} clips; "
@@ -203,23 +208,9 @@ def web_run(
     config: Annotated[Path | None, typer.Option("--config", help="YAML over defaults")] = None,
 ) -> None:
     """Curate web documents: parse, language, heuristics, classifier, images, dedup, LLM band."""
-    from weft.pipelines.common import ConfigError
-    from weft.pipelines.web import load_config, preflight
-    from weft.schemas.run_dir import ConfigMismatchError
+    from weft.pipelines import web as pipeline
 
-    try:  # bad configuration fails here, before Prefect or Ray start
-        preflight(load_config(config))
-        if not input.is_dir():
-            raise ConfigError(f"--input {input} is not a directory")
-    except ConfigError as exc:
-        _fail(str(exc))
-    from weft.flows import web_flow
-
-    try:
-        result = web_flow(input_dir=str(input), run_dir=str(run_dir),
-                          config_path=str(config) if config else None)
-    except (ConfigError, ConfigMismatchError) as exc:
-        _fail(str(exc))
+    result = _run_flow(pipeline, "web_flow", input, run_dir, config)
     print_funnel(result["funnel"])
     llm = result["dedup"].get("llm") or {}
     if llm:

@@ -10,6 +10,7 @@ Prefect uses its embedded server unless PREFECT_API_URL is set.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from prefect.context import TaskRunContext
 from weft.pipelines import common, video, web
 from weft.pipelines.ray_runtime import init_ray
 from weft.schemas.ids import hash_of
-from weft.schemas.ledger import FunnelRow, check_invariant, write_ledger
+from weft.schemas.ledger import FunnelRow, StagePlan, check_invariant, read_ledger, write_ledger
 from weft.schemas.run_dir import RunDir
 
 
@@ -78,63 +79,94 @@ def caption_clips(partition_ids: list[str], config_path: str | None, run_dir: st
     return video.run_captions(loaded, RunDir(Path(run_dir)), run_id)
 
 
-@flow(name="video_flow", log_prints=True)
-def video_flow(input_dir: str, run_dir: str, config_path: str | None = None) -> dict[str, Any]:
-    """Raw videos in, curated, deduplicated and captioned clips out, every decision recorded."""
-    logger = get_run_logger()
-    loaded = video.load_config(config_path)
-    video.preflight(loaded)
+@dataclass
+class StartedRun:
+    """A claimed run directory with its inputs ingested and partitioned."""
+
+    run: RunDir
+    run_id: str
+    plan: list[StagePlan]
+    n_files: int
+    groups: list[list[dict[str, Any]]]
+    pids: list[str]
+    task_args: dict[str, Any]
+
+    @property
+    def storage(self) -> Path:
+        return self.run.prefect_dir / "results"
+
+
+def start_run(pipeline: str, loaded: Any, plan: list[StagePlan], input_dir: str, run_dir: str,
+              config_path: str | None, doc_root: bool = False) -> StartedRun:
+    """Claim the run directory, ingest every input file, partition, and start Ray."""
     run = RunDir(Path(run_dir).resolve())
-    run_id = hash_of(video.PIPELINE, loaded.config_hash, length=16)
-    plan = video.plan()
-    run.claim(pipeline=video.PIPELINE, config=loaded.resolved, config_hash=loaded.config_hash,
+    run_id = hash_of(pipeline, loaded.config_hash, length=16)
+    run.claim(pipeline=pipeline, config=loaded.resolved, config_hash=loaded.config_hash,
               run_id=run_id, plan=[p.__dict__ for p in plan], code_version=common.code_version())
     files = common.discover(Path(input_dir), loaded.config.discover)
-    ctx = video.run_context(loaded, run, run_id)
-    sources, ingest_ledger = common.ingest(files, ctx)
+    sources, ingest_ledger = common.ingest(files, common.run_context(loaded, run, run_id))
     write_ledger(ingest_ledger, run.ledger_dir / "ingest.parquet")
+    if doc_root:  # local references (a page's images) must stay inside the input folder
+        for source in sources:
+            source["doc_root"] = str(Path(input_dir).resolve())
     groups = common.partitions(sources, loaded.config.partition_size)
     pids = [common.partition_id(g) for g in groups]
     common.prune_stale_ledger(run, pids)
     cluster = init_ray(loaded.config.ray)
-    logger.info("ray: %s; %d files, %d sources, %d partitions", cluster, len(files),
-                len(sources), len(groups))
-    storage = run.prefect_dir / "results"
+    get_run_logger().info("ray: %s; %d files, %d sources, %d partitions", cluster, len(files),
+                          len(sources), len(groups))
     task_args = {"config_path": config_path, "run_dir": str(run.root), "run_id": run_id,
                  "config_hash": loaded.config_hash, "code_version": common.code_version()}
-    partition_results = []
-    for pid, group in zip(pids, groups, strict=True):
-        marker = run.partition_dir(pid) / "_SUCCESS"
-        state = curate_partition.with_options(
-            result_storage=storage, refresh_cache=not marker.exists() or None
-        )(partition_id=pid, group=group, return_state=True, **task_args)
-        partition_results.append({**state.result(), "state": state.name})
-    dedup_state = dedup_clips.with_options(
-        result_storage=storage,
-        refresh_cache=not (run.outputs_dir / "clips.parquet").exists() or None,
-    )(partition_ids=pids, return_state=True, **task_args)
-    dedup_result = dedup_state.result()
-    caption_state = caption_clips.with_options(
-        result_storage=storage,
-        refresh_cache=not (run.outputs_dir / "captions.parquet").exists() or None,
-    )(partition_ids=pids, return_state=True, **task_args)
-    caption_result = caption_state.result()
-    logger.info("captions: %s", caption_result)
-    rows = check_invariant(video.read_run_ledger(run), plan, n_inputs=len(files))
+    return StartedRun(run, run_id, plan, len(files), groups, pids, task_args)
+
+
+def run_partitions(started: StartedRun, partition_task: Any) -> list[dict[str, Any]]:
+    """One cached Prefect task per partition; a finished partition is never redone."""
+    results = []
+    for pid, group in zip(started.pids, started.groups, strict=True):
+        marker = started.run.partition_dir(pid) / "_SUCCESS"
+        state = partition_task.with_options(
+            result_storage=started.storage, refresh_cache=not marker.exists() or None
+        )(partition_id=pid, group=group, return_state=True, **started.task_args)
+        results.append({**state.result(), "state": state.name})
+    return results
+
+
+def run_global(started: StartedRun, global_task: Any, output: Path) -> dict[str, Any]:
+    """A cached task over every partition; redone only when its output is missing."""
+    state = global_task.with_options(
+        result_storage=started.storage, refresh_cache=not output.exists() or None,
+    )(partition_ids=started.pids, return_state=True, **started.task_args)
+    return {**state.result(), "state": state.name}
+
+
+def finish_run(started: StartedRun, key: str, title: str) -> list[FunnelRow]:
+    """Check the ledger invariant, write the funnel and publish it as a Prefect artifact."""
+    rows = check_invariant(read_ledger(started.run.ledger_dir), started.plan,
+                           n_inputs=started.n_files)
     table = funnel_markdown(rows)
-    run.summary_dir.mkdir(parents=True, exist_ok=True)
-    (run.summary_dir / "funnel.md").write_text(table + "\n")
-    create_markdown_artifact(key="video-funnel", markdown=f"# Video funnel\n\n{table}\n",
-                             description=f"run {run_id} in {run.root}")
-    return {
-        "run_id": run_id,
-        "run_dir": str(run.root),
-        "inputs": len(files),
-        "partitions": partition_results,
-        "dedup": {**dedup_result, "state": dedup_state.name},
-        "caption": {**caption_result, "state": caption_state.name},
-        "funnel": [r.__dict__ for r in rows],
-    }
+    started.run.summary_dir.mkdir(parents=True, exist_ok=True)
+    (started.run.summary_dir / "funnel.md").write_text(table + "\n")
+    create_markdown_artifact(key=key, markdown=f"# {title}\n\n{table}\n",
+                             description=f"run {started.run_id} in {started.run.root}")
+    return rows
+
+
+@flow(name="video_flow", log_prints=True)
+def video_flow(input_dir: str, run_dir: str, config_path: str | None = None) -> dict[str, Any]:
+    """Raw videos in, curated, deduplicated and captioned clips out, every decision recorded."""
+    loaded = video.load_config(config_path)
+    video.preflight(loaded)
+    started = start_run(video.PIPELINE, loaded, video.plan(), input_dir, run_dir, config_path)
+    partitions = run_partitions(started, curate_partition)
+    outputs = started.run.outputs_dir
+    dedup = run_global(started, dedup_clips, outputs / "clips.parquet")
+    caption = run_global(started, caption_clips, outputs / "captions.parquet")
+    get_run_logger().info("captions: %s", caption)
+    rows = finish_run(started, "video-funnel", "Video funnel")
+    return {"run_id": started.run_id, "run_dir": str(started.run.root),
+            "inputs": started.n_files, "partitions": partitions, "dedup": dedup,
+            "caption": caption, "funnel": [r.__dict__ for r in rows]}
 
 
 # ---------------------------------------------------------------------------
@@ -168,46 +200,13 @@ def dedup_web_docs(partition_ids: list[str], config_path: str | None, run_dir: s
 @flow(name="web_flow", log_prints=True)
 def web_flow(input_dir: str, run_dir: str, config_path: str | None = None) -> dict[str, Any]:
     """HTML pages and OmniCorpus-style records in, clean documents out, every decision recorded."""
-    logger = get_run_logger()
     loaded = web.load_config(config_path)
     web.preflight(loaded)
-    run = RunDir(Path(run_dir).resolve())
-    run_id = hash_of(web.PIPELINE, loaded.config_hash, length=16)
-    plan = web.plan(loaded)
-    run.claim(pipeline=web.PIPELINE, config=loaded.resolved, config_hash=loaded.config_hash,
-              run_id=run_id, plan=[p.__dict__ for p in plan], code_version=common.code_version())
-    files = common.discover(Path(input_dir), loaded.config.discover)
-    sources, ingest_ledger = common.ingest(files, web.run_context(loaded, run, run_id))
-    for source in sources:  # local image paths must stay inside the input folder
-        source["doc_root"] = str(Path(input_dir).resolve())
-    write_ledger(ingest_ledger, run.ledger_dir / "ingest.parquet")
-    groups = common.partitions(sources, loaded.config.partition_size)
-    pids = [common.partition_id(g) for g in groups]
-    common.prune_stale_ledger(run, pids)
-    cluster = init_ray(loaded.config.ray)
-    logger.info("ray: %s; %d files, %d sources, %d partitions", cluster, len(files),
-                len(sources), len(groups))
-    storage = run.prefect_dir / "results"
-    task_args = {"config_path": config_path, "run_dir": str(run.root), "run_id": run_id,
-                 "config_hash": loaded.config_hash, "code_version": common.code_version()}
-    partition_results = []
-    for pid, group in zip(pids, groups, strict=True):
-        marker = run.partition_dir(pid) / "_SUCCESS"
-        state = curate_web_partition.with_options(
-            result_storage=storage, refresh_cache=not marker.exists() or None
-        )(partition_id=pid, group=group, return_state=True, **task_args)
-        partition_results.append({**state.result(), "state": state.name})
-    dedup_state = dedup_web_docs.with_options(
-        result_storage=storage,
-        refresh_cache=not (run.outputs_dir / "docs.parquet").exists() or None,
-    )(partition_ids=pids, return_state=True, **task_args)
-    dedup_result = dedup_state.result()
-    rows = check_invariant(web.read_run_ledger(run), plan, n_inputs=len(files))
-    table = funnel_markdown(rows)
-    run.summary_dir.mkdir(parents=True, exist_ok=True)
-    (run.summary_dir / "funnel.md").write_text(table + "\n")
-    create_markdown_artifact(key="web-funnel", markdown=f"# Web funnel\n\n{table}\n",
-                             description=f"run {run_id} in {run.root}")
-    return {"run_id": run_id, "run_dir": str(run.root), "inputs": len(files),
-            "partitions": partition_results, "dedup": {**dedup_result, "state": dedup_state.name},
+    started = start_run(web.PIPELINE, loaded, web.plan(loaded), input_dir, run_dir, config_path,
+                        doc_root=True)
+    partitions = run_partitions(started, curate_web_partition)
+    dedup = run_global(started, dedup_web_docs, started.run.outputs_dir / "docs.parquet")
+    rows = finish_run(started, "web-funnel", "Web funnel")
+    return {"run_id": started.run_id, "run_dir": str(started.run.root),
+            "inputs": started.n_files, "partitions": partitions, "dedup": dedup,
             "funnel": [r.__dict__ for r in rows]}

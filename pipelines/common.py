@@ -119,6 +119,12 @@ def output_hash(pipeline: str, resolved: dict[str, Any], not_outputs: tuple[str,
     return hash_of(pipeline, hashed, length=16)
 
 
+def run_context(loaded: Any, run: RunDir, run_id: str, stage_index: int = 0) -> RunContext:
+    """The run-level facts every ledger row of a pipeline's stage carries."""
+    return RunContext(run_id=run_id, run_dir=str(run.root), policy=loaded.policy,
+                      code_version=code_version(), stage_index=stage_index)
+
+
 def code_version() -> str:
     return f"weft-{weft.__version__}"
 

@@ -30,19 +30,19 @@ from weft.pipelines.common import (
     INGEST,
     ConfigError,
     DiscoverConfig,
-    code_version,
     output_hash,
     partition_id,
     read_config,
     read_policy,
+    run_context,
 )
 from weft.pipelines.ray_runtime import RayConfig, apply_stage
 from weft.schemas.config_doc import render_defaults
 from weft.schemas.ids import hash_of
-from weft.schemas.ledger import StagePlan, read_ledger, write_ledger
+from weft.schemas.ledger import StagePlan, write_ledger
 from weft.schemas.policy import Policy
 from weft.schemas.run_dir import RunDir, write_atomic
-from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, RunContext, Stage, ledger_rows_of
+from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, Stage, ledger_rows_of
 from weft.stages.infer.cache import RequestCache
 from weft.stages.infer.prompts import load_prompt
 from weft.stages.infer.registry import ModelRegistry, load_registry, model_revision
@@ -198,12 +198,6 @@ def preflight(loaded: LoadedConfig) -> None:
 # per-partition Ray Data plan
 # ---------------------------------------------------------------------------
 
-def run_context(loaded: LoadedConfig, run: RunDir, run_id: str, stage_index: int = 0
-                ) -> RunContext:
-    return RunContext(run_id=run_id, run_dir=str(run.root), policy=loaded.policy,
-                      code_version=code_version(), stage_index=stage_index)
-
-
 def process_partition(group: list[dict[str, Any]], loaded: LoadedConfig, run: RunDir,
                       run_id: str) -> dict[str, Any]:
     """Run every per-video stage over one partition and write its outputs atomically."""
@@ -351,5 +345,3 @@ def run_captions(loaded: LoadedConfig, run: RunDir, run_id: str) -> dict[str, An
             "model_revision": revision, "prompt": prompt.ref, **stats.as_dict()}
 
 
-def read_run_ledger(run: RunDir) -> pa.Table:
-    return read_ledger(run.ledger_dir)

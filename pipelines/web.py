@@ -37,12 +37,13 @@ from weft.pipelines.common import (
     output_hash,
     read_config,
     read_policy,
+    run_context,
 )
 from weft.pipelines.ray_runtime import RayConfig, apply_stage
 from weft.pipelines.video import InferenceConfig
 from weft.schemas.config_doc import render_defaults
 from weft.schemas.ids import hash_of
-from weft.schemas.ledger import LedgerEntry, StagePlan, read_ledger, write_ledger
+from weft.schemas.ledger import LedgerEntry, StagePlan, write_ledger
 from weft.schemas.policy import Policy
 from weft.schemas.run_dir import RunDir, write_atomic
 from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, RunContext, Stage, ledger_rows_of
@@ -233,14 +234,6 @@ def preflight(loaded: LoadedWebConfig) -> None:
             load_prompt(loaded.config.llm_filter.prompt)
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"llm_filter: {exc}") from exc
-
-
-def run_context(loaded: LoadedWebConfig, run: RunDir, run_id: str, stage_index: int = 0
-                ) -> RunContext:
-    from weft.pipelines.common import code_version
-
-    return RunContext(run_id=run_id, run_dir=str(run.root), policy=loaded.policy,
-                      code_version=code_version(), stage_index=stage_index)
 
 
 # ---------------------------------------------------------------------------
@@ -500,5 +493,3 @@ def write_outputs(run: RunDir, kept: list[dict[str, Any]], docs: pa.Table | None
     tmp.replace(run.outputs_dir / "docs.parquet")
 
 
-def read_run_ledger(run: RunDir) -> pa.Table:
-    return read_ledger(run.ledger_dir)
