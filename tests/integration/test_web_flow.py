@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +31,31 @@ def _long_prose(texts: list[str], n: int) -> list[str]:
     return [" ".join(texts[3 * i:3 * i + 3]) for i in range(n)]
 
 
+class _SlowHandler(http.server.BaseHTTPRequestHandler):
+    """Answers only after the client has given up: a URL that hangs."""
+
+    def do_GET(self) -> None:
+        time.sleep(3)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
-def web_run(tmp_path_factory, asset) -> dict[str, Any]:
+def hanging_url():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/slow.png"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def web_run(tmp_path_factory, asset, hanging_url) -> dict[str, Any]:
     from weft.flows import web_flow
     from weft.stages.infer.tiny_models import make_tiny_models
     from weft.stages.web.fasttext_classifier import train_classifier
@@ -48,7 +74,10 @@ def web_run(tmp_path_factory, asset) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     picture = cv2.GaussianBlur(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8), (5, 5), 1.0)
     cv2.imwrite(str(inputs / "images" / "prose.png"), picture)
-    prose = _long_prose(wiki[200:], 2)
+    prose = _long_prose(wiki[200:], 4)
+    (inputs / "hang.html").write_text(f"<html><body><p>{prose[2]}</p>"
+                                      f"<img src='{hanging_url}' alt='slow'>"
+                                      f"<p>{prose[3]}</p></body></html>")
     (inputs / "prose.html").write_text(f"<html><body><p>{prose[0]}</p>"
                                        f"<img src='images/prose.png' alt='a picture'>"
                                        f"<p>{prose[1]}</p></body></html>")
@@ -66,6 +95,8 @@ def web_run(tmp_path_factory, asset) -> dict[str, Any]:
         "inference": {"cache_path": str(root / "requests.sqlite")},
         "quality_classifier": {"model_path": str(classifier / "model.bin")},
         "partition_size": 8,
+        "image_load": {"fetch": {"timeout_s": 1.0, "deadline_s": 2.0, "retries": 1,
+                                 "backoff_s": 0.1}},
         "ray": {"progress_bars": False},
     }))
     result = web_flow(input_dir=str(inputs), run_dir=str(root / "run"), config_path=str(config))
@@ -119,6 +150,8 @@ def test_hostile_pages_get_reasons_and_nothing_escapes(web_run) -> None:
     assert escape["reasons"] == {"path_escape": 1, "no_source": 1}
     assert json.loads(loads["bomb.html"]["details"])["reasons"] == {"decompression_bomb": 1}
     assert json.loads(loads["malformed.html"]["details"])["reasons"] == {"image_missing": 1}
+    hang = json.loads(loads["hang.html"]["details"])
+    assert hang["reasons"] == {"fetch_timeout": 1}, hang
     rules = _stage(rows, "image_rules")
     for name in ("escape.html", "bomb.html"):  # no usable image: not an interleaved document
         assert rules[name]["reason"] == "num_images_kept_below_min"
