@@ -1,0 +1,570 @@
+"""Write training samples to deterministic WebDataset shards, and verify a shard set.
+
+`write_shards` takes samples `{"key": str, "json": dict, "members": {name: bytes}}`
+(format: `weft.schemas.shards`), orders them by key, shuffles that order with
+`random.Random(seed)`, and writes `{prefix}-{index:06d}.tar` files with fixed tar
+metadata, so the same samples and seed give byte-identical shards. A shard rolls over
+before a sample would take it past `max_shard_bytes` (a sample larger than the limit
+gets a shard of its own). Next to the shards: `index.json` (a wids shard index, with
+each shard's size and sha256) and `manifest.parquet` (one row per sample).
+
+`verify_shards` reads a shard set back in full and reports every problem it finds;
+it never raises for a damaged shard set.
+
+`samples_from_captions` / `samples_from_docs` turn the video pipeline's
+`outputs/captions.parquet` and the web pipeline's `outputs/docs.parquet` into samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import re
+import tarfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from weft.schemas.ids import hash_of
+from weft.schemas.run_dir import write_atomic
+from weft.schemas.shards import (
+    IMAGE_EXTS,
+    INDEX_KIND,
+    MANIFEST_SCHEMA,
+    SHARD_FORMAT_VERSION,
+    ShardFormatError,
+    check_key,
+    image_member,
+    json_member,
+    safe_member_name,
+    validate_record,
+)
+
+DEFAULT_MAX_SHARD_BYTES = 1_000_000_000
+INDEX_NAME = "index.json"
+MANIFEST_NAME = "manifest.parquet"
+TAR_MTIME = 0
+TAR_MODE = 0o644
+_BLOCK = tarfile.BLOCKSIZE
+_PREFIX = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+# ---- writing -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    nsamples: int
+    nbytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardSetSummary:
+    out_dir: str
+    shards: list[ShardInfo]
+    n_samples: int
+    index_path: str
+    manifest_path: str
+    seed: int
+    max_shard_bytes: int
+    format_version: int = SHARD_FORMAT_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def record_bytes(record: dict[str, Any]) -> bytes:
+    """The canonical bytes of a sample record (sorted keys, no whitespace, UTF-8)."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _member_sort_key(name: str) -> tuple[int, int]:
+    suffix = name.partition(".")[2]
+    return (-1, 0) if suffix == "json" else (int(suffix.split(".")[0]), 0)
+
+
+def _entry_bytes(size: int) -> int:
+    return _BLOCK + -(-size // _BLOCK) * _BLOCK
+
+
+def _prepare(sample: dict[str, Any]) -> tuple[str, list[tuple[str, bytes]], dict[str, Any]]:
+    """(key, [(member, bytes)] in tar order, record) after checking the sample fully."""
+    key = check_key(sample.get("key"))
+    record = sample.get("json")
+    if not isinstance(record, dict) or record.get("key") != key:
+        raise ShardFormatError(f"sample {key}: json must be a record whose key is the key")
+    members = dict(sample.get("members") or {})
+    for name, data in members.items():
+        safe_member_name(name, key)
+        if name.endswith(".json"):
+            raise ShardFormatError(f"sample {key}: the json member comes from 'json'")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ShardFormatError(f"sample {key}: member {name} must be bytes")
+    validate_record(record, set(members))
+    ordered = [(json_member(key), record_bytes(record))]
+    ordered += [(n, bytes(members[n])) for n in sorted(members, key=_member_sort_key)]
+    return key, ordered, record
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = TAR_MTIME
+    info.mode = TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_tar(path: Path, samples: list[tuple[str, list[tuple[str, bytes]], dict[str, Any]]],
+               shard_index: int) -> tuple[ShardInfo, list[dict[str, Any]]]:
+    tmp = path.with_name(f".{path.name}.tmp")
+    rows = []
+    with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w",
+                                               format=tarfile.USTAR_FORMAT) as tar:
+        for key, members, record in samples:
+            start = tar.offset
+            for name, data in members:
+                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            rows.append({
+                "key": key, "shard": path.name, "shard_index": shard_index,
+                "offset": start, "size": tar.offset - start,
+                "members": [n for n, _ in members], "kind": record["kind"],
+                "source_id": record.get("source_id"),
+                "ledger_item_id": record.get("ledger_item_id"),
+                "json_sha256": hashlib.sha256(members[0][1]).hexdigest(),
+                "scores": json.dumps(record.get("scores") or {}, sort_keys=True),
+            })
+    info = ShardInfo(path.name, len(samples), tmp.stat().st_size, _sha256_file(tmp))
+    tmp.replace(path)
+    return info, rows
+
+
+def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, seed: int = 0,
+                 prefix: str = "shard") -> ShardSetSummary:
+    """Write samples into deterministic tar shards plus `index.json` and `manifest.parquet`.
+
+    All samples are checked before anything is written (ShardFormatError on the first
+    bad one; a duplicate key is an error). Shards `{prefix}-NNNNNN.tar` beyond the new
+    count that an earlier write left in `out_dir` are removed.
+    """
+    if not _PREFIX.match(prefix):
+        raise ValueError(f"prefix must match {_PREFIX.pattern}, got {prefix!r}")
+    if max_shard_bytes <= 0:
+        raise ValueError("max_shard_bytes must be positive")
+    prepared = {}
+    for sample in samples:
+        key, members, record = _prepare(sample)
+        if key in prepared:
+            raise ShardFormatError(f"duplicate sample key {key}")
+        prepared[key] = (key, members, record)
+    order = sorted(prepared)
+    random.Random(seed).shuffle(order)
+
+    groups: list[list[Any]] = []
+    size = 0
+    for key in order:
+        entry = prepared[key]
+        need = sum(_entry_bytes(len(d)) for _, d in entry[1])
+        if not groups or (groups[-1] and size + need > max_shard_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += need
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[ShardInfo] = []
+    rows: list[dict[str, Any]] = []
+    for i, group in enumerate(groups):
+        info, shard_rows = _write_tar(out / f"{prefix}-{i:06d}.tar", group, i)
+        shards.append(info)
+        rows += shard_rows
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})\.tar$")
+    for stale in out.iterdir():
+        m = pattern.match(stale.name)
+        if m and int(m.group(1)) >= len(groups):
+            stale.unlink()
+
+    index = {
+        "__kind__": INDEX_KIND,
+        "wids_version": 1,
+        "name": prefix,
+        "shardlist": [{"url": s.name, "nsamples": s.nsamples, "filesize": s.nbytes,
+                       "sha256": s.sha256} for s in shards],
+        "weft": {"format_version": SHARD_FORMAT_VERSION, "seed": seed,
+                 "max_shard_bytes": max_shard_bytes, "n_samples": len(rows)},
+    }
+    index_path = out / INDEX_NAME
+    write_atomic(index_path, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    manifest_path = out / MANIFEST_NAME
+    rows.sort(key=lambda r: (r["shard_index"], r["offset"]))
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_atomic(manifest_path, sink.getvalue().to_pybytes())
+    return ShardSetSummary(str(out), shards, len(rows), str(index_path), str(manifest_path),
+                           seed, max_shard_bytes)
+
+
+# ---- verifying ---------------------------------------------------------------------------------
+@dataclass
+class VerifyReport:
+    shard_dir: str
+    n_shards: int = 0
+    n_samples: int = 0
+    n_images: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _decode_image(data: bytes, name: str) -> None:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        fmt = (image.format or "").lower()
+        image.load()
+    ext = name.rsplit(".", 1)[1]
+    if {"jpeg": "jpg"}.get(fmt, fmt) != ext:
+        raise ValueError(f"{name} holds a {fmt or 'unknown'} image")
+
+
+def _check_sample(key: str, members: dict[str, bytes], report: VerifyReport) -> str | None:
+    """Problems go to the report; returns the json sha256 when the record parsed."""
+    where = f"sample {key}"
+    try:
+        check_key(key)
+        for name in members:
+            safe_member_name(name, key)
+        raw = members.get(f"{key}.json")
+        if raw is None:
+            raise ShardFormatError("no json member")
+        record = json.loads(raw.decode("utf-8"))
+        if record.get("key") != key:
+            raise ShardFormatError(f"json key {record.get('key')!r} is not the member key")
+        images = {n for n in members if not n.endswith(".json")}
+        validate_record(record, images)
+    except (ShardFormatError, ValueError, AttributeError, TypeError) as exc:
+        report.problems.append(f"{where}: {exc}")
+        return None
+    for name in sorted(images, key=_member_sort_key):
+        try:
+            _decode_image(members[name], name)
+            report.n_images += 1
+        except Exception as exc:  # any decoder failure is a finding, not a crash
+            report.problems.append(f"{where}: image {name} does not decode: {exc}")
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _read_shard(path: Path, report: VerifyReport) -> dict[str, str | None]:
+    """key -> json sha256 for every sample of one shard (problems go to the report)."""
+    found: dict[str, str | None] = {}
+    current: str | None = None
+    members: dict[str, bytes] = {}
+
+    def flush() -> None:
+        if current is None:
+            return
+        if current in found:
+            report.problems.append(f"{path.name}: key {current} appears in two groups")
+        found[current] = _check_sample(current, members, report)
+
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    report.problems.append(f"{path.name}: {info.name!r} is not a regular file")
+                    continue
+                key = info.name.partition(".")[0]
+                if key != current:
+                    flush()
+                    current, members = key, {}
+                fh = tar.extractfile(info)
+                data = fh.read() if fh is not None else b""
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"{info.name} is truncated")
+                if info.name in members:
+                    report.problems.append(f"{path.name}: member {info.name} appears twice")
+                members[info.name] = data
+            end = tar.offset
+        flush()
+        with open(path, "rb") as fh:  # tarfile ends quietly at a cut-off header
+            fh.seek(end)
+            marker = fh.read(2 * _BLOCK)
+        if len(marker) < 2 * _BLOCK or marker.strip(b"\0"):
+            report.problems.append(f"{path.name}: truncated (no end-of-archive marker at "
+                                   f"byte {end})")
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        report.problems.append(f"{path.name}: unreadable tar: {exc}")
+    return found
+
+
+def _load_index(root: Path, report: VerifyReport) -> list[dict[str, Any]]:
+    try:
+        index = json.loads((root / INDEX_NAME).read_text())
+        if index.get("__kind__") != INDEX_KIND or index.get("wids_version") != 1:
+            report.problems.append(f"{INDEX_NAME}: not a {INDEX_KIND} index")
+        shardlist = index["shardlist"]
+        if not isinstance(shardlist, list):
+            raise TypeError("shardlist is not a list")
+        return shardlist
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        report.problems.append(f"{INDEX_NAME}: unreadable: {exc}")
+        return []
+
+
+def _check_manifest(root: Path, found: dict[str, tuple[str, str | None]],
+                    report: VerifyReport) -> None:
+    try:
+        table = pq.read_table(root / MANIFEST_NAME)
+    except (OSError, pa.ArrowException) as exc:
+        report.problems.append(f"{MANIFEST_NAME}: unreadable: {exc}")
+        return
+    version = (table.schema.metadata or {}).get(b"weft.schema_version", b"").decode()
+    if version != str(SHARD_FORMAT_VERSION):
+        report.problems.append(f"{MANIFEST_NAME}: schema version {version!r}, expected "
+                               f"{SHARD_FORMAT_VERSION}")
+    missing_cols = set(MANIFEST_SCHEMA.names) - set(table.column_names)
+    if missing_cols:
+        report.problems.append(f"{MANIFEST_NAME}: missing columns {sorted(missing_cols)}")
+        return
+    seen = set()
+    for row in table.select(["key", "shard", "json_sha256"]).to_pylist():
+        key = row["key"]
+        if key in seen:
+            report.problems.append(f"{MANIFEST_NAME}: key {key} listed twice")
+        seen.add(key)
+        if key not in found:
+            report.problems.append(f"{MANIFEST_NAME}: key {key} is in no readable shard")
+            continue
+        shard, sha = found[key]
+        if shard != row["shard"]:
+            report.problems.append(f"{MANIFEST_NAME}: key {key} is in {shard}, "
+                                   f"manifest says {row['shard']}")
+        elif sha is not None and sha != row["json_sha256"]:
+            report.problems.append(f"{MANIFEST_NAME}: key {key} json sha256 differs")
+    for key in sorted(found.keys() - seen):
+        report.problems.append(f"{MANIFEST_NAME}: key {key} of {found[key][0]} is not listed")
+
+
+def verify_shards(shard_dir: str | Path) -> VerifyReport:
+    """Read a shard set back completely: every shard's sha256 and size against the index,
+    every sample's json parsed and validated, every image decoded, sample counts against
+    the index, and every sample against the manifest. Never raises for damaged data."""
+    root = Path(shard_dir)
+    report = VerifyReport(str(root))
+    found: dict[str, tuple[str, str | None]] = {}
+    for entry in _load_index(root, report):
+        try:
+            name = safe_shard_name(entry["url"])
+            nsamples = int(entry["nsamples"])
+        except (KeyError, TypeError, ValueError) as exc:
+            report.problems.append(f"{INDEX_NAME}: bad shard entry {entry!r}: {exc}")
+            continue
+        path = root / name
+        report.n_shards += 1
+        if not path.is_file():
+            report.problems.append(f"{name}: missing")
+            continue
+        try:
+            size = path.stat().st_size
+            if entry.get("filesize") is not None and size != entry["filesize"]:
+                report.problems.append(f"{name}: {size} bytes, index says {entry['filesize']}")
+            if entry.get("sha256") is None:
+                report.problems.append(f"{name}: the index has no sha256")
+            elif _sha256_file(path) != entry["sha256"]:
+                report.problems.append(f"{name}: sha256 differs from the index")
+        except OSError as exc:
+            report.problems.append(f"{name}: unreadable: {exc}")
+            continue
+        shard_keys = _read_shard(path, report)
+        if len(shard_keys) != nsamples:
+            report.problems.append(f"{name}: {len(shard_keys)} samples read, index says "
+                                   f"{nsamples}")
+        for key, sha in shard_keys.items():
+            if key in found:
+                report.problems.append(f"{name}: key {key} is also in {found[key][0]}")
+            found[key] = (name, sha)
+    report.n_samples = len(found)
+    _check_manifest(root, found, report)
+    return report
+
+
+def safe_shard_name(name: Any) -> str:
+    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_-]+-\d{6}\.tar$", name):
+        raise ValueError(f"shard url must be a plain shard file name, got {name!r}")
+    return name
+
+
+# ---- samples from the pipelines' outputs -------------------------------------------------------
+def _image_ext(data: bytes) -> str | None:
+    """jpg / png / webp from the bytes' own signature; None for anything else."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _as_supported(data: bytes) -> tuple[bytes, str]:
+    """The bytes and extension, re-encoded losslessly to PNG when not jpg/png/webp."""
+    ext = _image_ext(data)
+    if ext is not None:
+        return data, ext
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.seek(0)
+        frame = image.convert("RGBA" if "A" in image.getbands() or
+                              "transparency" in image.info else "RGB")
+    buf = io.BytesIO()
+    frame.save(buf, format="PNG", optimize=False)
+    return buf.getvalue(), "png"
+
+
+def _sample_key(value: Any, kind: str, item_id: str) -> str:
+    try:
+        return check_key(value)
+    except ShardFormatError:
+        return hash_of("sample", kind, item_id)
+
+
+def _inside(root: Path, rel: str) -> Path:
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ShardFormatError(f"key frame path {rel!r} leaves the run directory")
+    return path
+
+
+def _scores(row: dict[str, Any], names: Iterable[str]) -> dict[str, float]:
+    out = {}
+    for name in names:
+        value = row.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
+            out[name] = float(value)
+    return out
+
+
+def samples_from_captions(run_dir: str | Path) -> list[dict[str, Any]]:
+    """One `video_clip` sample per row of RUN_DIR/outputs/captions.parquet.
+
+    The key is the row's sample_id (falls back to a hash of the clip id); key frames are
+    read from the run directory (paths must stay inside it).
+    """
+    root = Path(run_dir)
+    table = pq.read_table(root / "outputs" / "captions.parquet")
+    score_cols = [c for c in table.column_names if c.endswith("score")]
+    samples = []
+    for row in table.to_pylist():
+        key = _sample_key(row.get("sample_id"), "video_clip", row["item_id"])
+        members: dict[str, bytes] = {}
+        sequence = []
+        for item in json.loads(row["sequence"]):
+            if item["type"] == "video_frame":
+                data, ext = _as_supported(_inside(root, item["path"]).read_bytes())
+                name = image_member(key, len(members), ext)
+                members[name] = data
+                sequence.append({"type": "video_frame", "member": name,
+                                 "time_s": float(item["time_s"])})
+            elif item["type"] == "text":
+                text = {"type": "text", "role": item.get("role") or "caption",
+                        "text": item["text"]}
+                text.update({k: float(item[k]) for k in ("from_s", "to_s")
+                             if item.get(k) is not None})
+                sequence.append(text)
+            else:
+                raise ShardFormatError(f"clip {row['item_id']}: unknown item {item['type']!r}")
+        parents = [p for p in (row.get("parent_id"), row["item_id"]) if p]
+        record = {"key": key, "kind": "video_clip", "source_id": row.get("source_id"),
+                  "parent_ids": parents, "ledger_item_id": row["item_id"],
+                  "sequence": sequence, "scores": _scores(row, score_cols),
+                  "licence": row.get("licence")}
+        samples.append({"key": key, "json": record, "members": members})
+    return samples
+
+
+def samples_from_docs(run_dir: str | Path) -> list[dict[str, Any]]:
+    """One `web_doc` sample per row of RUN_DIR/outputs/docs.parquet.
+
+    Images come from `image_bytes` (aligned with the image items) in their own
+    encoding; an image whose bytes are missing is left out of the sequence, a format
+    other than jpg/png/webp is re-encoded to PNG. The title, when there is one, is
+    the first text item (role "title"); body text has role "text".
+    """
+    root = Path(run_dir)
+    table = pq.read_table(root / "outputs" / "docs.parquet")
+    score_cols = [c for c in table.column_names if c.endswith("score")]
+    samples = []
+    for row in table.to_pylist():
+        doc_id = row["item_id"]
+        key = _sample_key(doc_id, "web_doc", doc_id)
+        blobs = list(row.get("image_bytes") or [])
+        members: dict[str, bytes] = {}
+        sequence: list[dict[str, Any]] = []
+        if row.get("title"):
+            sequence.append({"type": "text", "role": "title", "text": row["title"]})
+        n_image = 0
+        for item in row.get("items") or []:
+            if item["type"] == "text":
+                if item.get("text"):
+                    sequence.append({"type": "text", "role": "text", "text": item["text"]})
+                continue
+            data = blobs[n_image] if n_image < len(blobs) else None
+            n_image += 1
+            if not data:
+                continue
+            data, ext = _as_supported(data)
+            name = image_member(key, len(members), ext)
+            members[name] = data
+            image = {"type": "image", "member": name}
+            if item.get("alt") is not None:
+                image["alt"] = item["alt"]
+            sequence.append(image)
+        if not sequence:
+            continue
+        metadata = json.loads(row["metadata"]) if row.get("metadata") else {}
+        licence = metadata.get("licence", metadata.get("license")) \
+            if isinstance(metadata, dict) else None
+        record = {"key": key, "kind": "web_doc", "source_id": row.get("source_id"),
+                  "parent_ids": [p for p in (row.get("source_id"),) if p],
+                  "ledger_item_id": doc_id, "sequence": sequence,
+                  "scores": _scores(row, score_cols),
+                  "licence": licence if isinstance(licence, str) else None}
+        samples.append({"key": key, "json": record, "members": members})
+    return samples
+
+
+__all__ = [
+    "DEFAULT_MAX_SHARD_BYTES", "IMAGE_EXTS", "ShardInfo", "ShardSetSummary", "VerifyReport",
+    "record_bytes", "samples_from_captions", "samples_from_docs", "verify_shards",
+    "write_shards",
+]
