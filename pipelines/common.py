@@ -8,20 +8,24 @@ sources named by their members, the unit of resume.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import weft
 from weft.schemas.ids import hash_of, sha256_file
-from weft.schemas.ledger import LedgerEntry, StagePlan
+from weft.schemas.ledger import LedgerEntry, StagePlan, write_ledger
 from weft.schemas.policy import Policy
-from weft.schemas.run_dir import RunDir
-from weft.stages.base import RunContext
+from weft.schemas.run_dir import RunDir, write_atomic
+from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, RunContext, ledger_rows_of
 
 INGEST = StagePlan("ingest", "1", "map")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -51,6 +55,21 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+class InferenceConfig(BaseModel):
+    """Where answers of models are kept (not part of the config hash: it changes no output)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cache_path: str | None = Field(
+        None, description="request cache (sqlite); null = RUN_DIR/cache/requests.sqlite. "
+                          "Share one file across runs so no run pays twice for an answer")
+
+    def cache_file(self, run: RunDir) -> Path:
+        """The request cache this run reads and writes."""
+        if self.cache_path:
+            return Path(os.path.expanduser(self.cache_path))
+        return run.root / "cache" / "requests.sqlite"
 
 
 @dataclass
@@ -202,3 +221,59 @@ def prune_stale_ledger(run: RunDir, partition_ids: list[str]) -> None:
             path.unlink()
 
 
+
+
+# ---------------------------------------------------------------------------
+# partition and output tables (arrow end to end: python rows would lose the
+# declared types, e.g. uint64 pHashes)
+# ---------------------------------------------------------------------------
+
+def collect(ds: Any) -> pa.Table:
+    """A Ray dataset's blocks as one arrow table, types as the stages declared them."""
+    import ray
+
+    return pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    """Write parquet through a tmp file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def write_partition(run: RunDir, pid: str, table: pa.Table, item_kind: str, name: str,
+                    summary: dict[str, Any]) -> dict[str, Any]:
+    """Store a partition's rows of `item_kind` and its ledger, then mark it done.
+
+    The `_SUCCESS` marker is written last, so a partition with a marker is whole.
+    """
+    ledger = ledger_rows_of(table.select([LEDGER_COLUMN]).to_pylist())
+    items = table.filter(pc.equal(table["item_kind"], item_kind))
+    items = items.drop_columns([LEDGER_COLUMN]).sort_by("item_id")
+    if items.num_rows:
+        write_table_atomic(items, run.partition_dir(pid) / f"{name}.parquet")
+    write_ledger(ledger, run.ledger_dir / f"part-{pid}.parquet")
+    kept = int(pc.sum(pc.equal(items[DECISION_COLUMN], "keep")).as_py() or 0)
+    summary = {"partition_id": pid, **summary, "rows": items.num_rows, "kept": kept,
+               "ledger_rows": len(ledger)}
+    write_atomic(run.partition_dir(pid) / "_SUCCESS", json.dumps(summary).encode())
+    return summary
+
+
+def load_partitions(run: RunDir, partition_ids: list[str], name: str) -> pa.Table | None:
+    """The stored rows of the given partitions as one table sorted by id; None if none."""
+    tables = [pq.read_table(path) for pid in partition_ids
+              if (path := run.partition_dir(pid) / f"{name}.parquet").exists()]
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="default").sort_by("item_id")
+
+
+def ledger_row(entry: LedgerEntry, stage: StagePlan, config_hash: str,
+               ctx: RunContext) -> dict[str, Any]:
+    """The full ledger row of an entry decided by a global (driver-side) step."""
+    return entry.to_row(run_id=ctx.run_id, stage=stage.name, stage_index=ctx.stage_index,
+                        stage_version=stage.version, config_hash=config_hash,
+                        policy_hash=ctx.policy.policy_hash, code_version=ctx.code_version)

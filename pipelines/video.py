@@ -14,7 +14,6 @@ only the clips dedup keeps are captioned.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from weft.pipelines.common import (
@@ -30,19 +28,25 @@ from weft.pipelines.common import (
     INGEST,
     ConfigError,
     DiscoverConfig,
+    InferenceConfig,
+    collect,
+    ledger_row,
+    load_partitions,
     output_hash,
     partition_id,
     read_config,
     read_policy,
     run_context,
+    write_partition,
+    write_table_atomic,
 )
 from weft.pipelines.ray_runtime import RayConfig, apply_stage
 from weft.schemas.config_doc import render_defaults
 from weft.schemas.ids import hash_of
 from weft.schemas.ledger import StagePlan, write_ledger
 from weft.schemas.policy import Policy
-from weft.schemas.run_dir import RunDir, write_atomic
-from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, Stage, ledger_rows_of
+from weft.schemas.run_dir import RunDir
+from weft.stages.base import DECISION_COLUMN, Stage, ledger_rows_of
 from weft.stages.infer.cache import RequestCache
 from weft.stages.infer.prompts import load_prompt
 from weft.stages.infer.registry import ModelRegistry, load_registry, model_revision
@@ -70,17 +74,6 @@ PARTITION_STAGES: list[type[Stage]] = [
 ]
 DEDUP = StagePlan("dedup", "1", "map")
 CAPTION_STAGES: list[type[Stage]] = [CaptionPrepStage, CaptionStage]
-# Columns that never leave a partition (pixels) or are bookkeeping.
-NOT_STORED = ("frames", LEDGER_COLUMN)
-
-
-class InferenceConfig(BaseModel):
-    """Where answers of models are kept (not part of the config hash: it changes no output)."""
-
-    model_config = ConfigDict(extra="forbid")
-    cache_path: str | None = Field(
-        None, description="request cache (sqlite); null = RUN_DIR/cache/requests.sqlite. "
-                          "Share one file across runs so no run pays twice for an answer")
 
 
 class VideoPipelineConfig(BaseModel):
@@ -201,7 +194,6 @@ def preflight(loaded: LoadedConfig) -> None:
 def process_partition(group: list[dict[str, Any]], loaded: LoadedConfig, run: RunDir,
                       run_id: str) -> dict[str, Any]:
     """Run every per-video stage over one partition and write its outputs atomically."""
-    import ray
     import ray.data
 
     pid = partition_id(group)
@@ -209,61 +201,31 @@ def process_partition(group: list[dict[str, Any]], loaded: LoadedConfig, run: Ru
     for index, stage_cls in enumerate(PARTITION_STAGES, start=1):
         ctx = run_context(loaded, run, run_id, stage_index=index)
         ds = apply_stage(ds, stage_cls, loaded.config.stage_config(stage_cls), ctx)
-    # Arrow end to end: python rows would lose the declared types (uint64 pHashes).
-    table = pa.concat_tables(ray.get(ds.drop_columns(["frames"]).to_arrow_refs()),
-                             promote_options="default")
-    ledger = ledger_rows_of(table.select([LEDGER_COLUMN]).to_pylist())
-    clips = table.filter(pc.equal(table["item_kind"], "clip"))
-    items = clips.drop_columns([c for c in NOT_STORED if c in clips.column_names]
-                               ).sort_by("item_id")
-    out_dir = run.partition_dir(pid)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if items.num_rows:
-        pq.write_table(items, out_dir / "clips.parquet.tmp")
-        (out_dir / "clips.parquet.tmp").replace(out_dir / "clips.parquet")
-    write_ledger(ledger, run.ledger_dir / f"part-{pid}.parquet")
-    kept = pc.sum(pc.equal(clips[DECISION_COLUMN], "keep")).as_py() or 0
-    summary = {"partition_id": pid, "sources": len(group), "clip_rows": items.num_rows,
-               "clips_kept": kept, "ledger_rows": len(ledger)}
-    write_atomic(out_dir / "_SUCCESS", yaml.safe_dump(summary).encode())
-    return summary
+    # pixels never leave the partition
+    return write_partition(run, pid, collect(ds.drop_columns(["frames"])), "clip", "clips",
+                           {"sources": len(group)})
 
 
 # ---------------------------------------------------------------------------
 # global dedup
 # ---------------------------------------------------------------------------
 
-def load_partition_items(run: RunDir, partition_ids: list[str]) -> pa.Table:
-    """Clip rows of the given partitions as one table, sorted by id (types as stored)."""
-    tables = [pq.read_table(path) for pid in partition_ids
-              if (path := run.partition_dir(pid) / "clips.parquet").exists()]
-    if not tables:
-        return pa.table({"item_id": pa.array([], pa.string()),
-                         DECISION_COLUMN: pa.array([], pa.string())})
-    return pa.concat_tables(tables, promote_options="default").sort_by("item_id")
-
-
 def run_dedup(loaded: LoadedConfig, run: RunDir, run_id: str,
               partition_ids: list[str]) -> dict[str, Any]:
     """Score every surviving clip against better ones; the policy decides; write outputs."""
-    items = load_partition_items(run, partition_ids)
+    items = load_partitions(run, partition_ids, "clips")
+    if items is None:
+        items = pa.table({"item_id": pa.array([], pa.string()),
+                          DECISION_COLUMN: pa.array([], pa.string())})
     survivors = items.filter(pc.equal(items[DECISION_COLUMN], "keep"))
-    index = len(PARTITION_STAGES) + 1
-    ctx = run_context(loaded, run, run_id, stage_index=index)
+    ctx = run_context(loaded, run, run_id, stage_index=len(PARTITION_STAGES) + 1)
     config_hash = hash_of(DEDUP.name, DEDUP.version, loaded.config.dedup.model_dump(mode="json"),
                           length=16)
     entries = dedup_entries(survivors.to_pylist(), loaded.policy, loaded.config.dedup)
-    ledger = [e.to_row(run_id=run_id, stage=DEDUP.name, stage_index=index,
-                       stage_version=DEDUP.version, config_hash=config_hash,
-                       policy_hash=ctx.policy.policy_hash, code_version=ctx.code_version)
-              for e in entries]
-    write_ledger(ledger, run.ledger_dir / "dedup.parquet")
+    write_ledger([ledger_row(e, DEDUP, config_hash, ctx) for e in entries],
+                 run.ledger_dir / "dedup.parquet")
     kept = survivors.filter(pa.array([e.decision == "keep" for e in entries], pa.bool_()))
-    kept = kept.drop_columns([DECISION_COLUMN])
-    run.outputs_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run.outputs_dir / "clips.parquet.tmp"
-    pq.write_table(kept, tmp)
-    tmp.replace(run.outputs_dir / "clips.parquet")
+    write_table_atomic(kept.drop_columns([DECISION_COLUMN]), run.outputs_dir / "clips.parquet")
     return {"clips_in": survivors.num_rows, "clips_kept": kept.num_rows}
 
 
@@ -281,16 +243,9 @@ CAPTION_INPUT_FIELDS = [
 CAPTION_INPUT_COLUMNS = tuple(f.name for f in CAPTION_INPUT_FIELDS)
 
 
-def caption_cache_path(loaded: LoadedConfig, run: RunDir) -> Path:
-    configured = loaded.config.inference.cache_path
-    return Path(os.path.expanduser(configured)) if configured else run.root / "cache" / \
-        "requests.sqlite"
-
-
 def _prepare_captions(clips: pa.Table, loaded: LoadedConfig, run: RunDir,
                       run_id: str) -> list[dict[str, Any]]:
     """caption_prep over the kept clips on Ray (CPU workers read and resize key frames)."""
-    import ray
     import ray.data
 
     if clips.num_rows == 0:
@@ -299,8 +254,7 @@ def _prepare_captions(clips: pa.Table, loaded: LoadedConfig, run: RunDir,
         "item_kind", pa.array(["clip"] * clips.num_rows, pa.string()))
     ctx = run_context(loaded, run, run_id, stage_index=len(PARTITION_STAGES) + 2)
     ds = apply_stage(ray.data.from_arrow(table), CaptionPrepStage, loaded.config.caption, ctx)
-    prepared = pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
-    return sorted(prepared.to_pylist(), key=lambda r: r["item_id"])
+    return sorted(collect(ds).to_pylist(), key=lambda r: r["item_id"])
 
 
 def run_captions(loaded: LoadedConfig, run: RunDir, run_id: str) -> dict[str, Any]:
@@ -322,7 +276,7 @@ def run_captions(loaded: LoadedConfig, run: RunDir, run_id: str) -> dict[str, An
             requests[key] = request
             keys.append(key)
         per_row[row["item_id"]] = keys
-    with RequestCache(caption_cache_path(loaded, run)) as cache:
+    with RequestCache(loaded.config.inference.cache_file(run)) as cache:
         answers, stats = run_requests(requests, spec, config.model, revision, cache,
                                       total=sum(len(k) for k in per_row.values()))
     for row in rows:
@@ -337,10 +291,7 @@ def run_captions(loaded: LoadedConfig, run: RunDir, run_id: str) -> dict[str, An
     schema = pa.schema([*CAPTION_INPUT_FIELDS, *stage.output_fields])
     samples = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in kept],
                                    schema=schema)
-    run.outputs_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run.outputs_dir / "captions.parquet.tmp"
-    pq.write_table(samples, tmp)
-    tmp.replace(run.outputs_dir / "captions.parquet")
+    write_table_atomic(samples, run.outputs_dir / "captions.parquet")
     return {"clips_in": len(rows), "samples": samples.num_rows, "model": config.model,
             "model_revision": revision, "prompt": prompt.ref, **stats.as_dict()}
 

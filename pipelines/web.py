@@ -20,13 +20,11 @@ about documents whose `quality_score` lies in the policy's `llm_filter_band`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from weft.pipelines.common import (
@@ -34,19 +32,24 @@ from weft.pipelines.common import (
     INGEST,
     ConfigError,
     DiscoverConfig,
+    InferenceConfig,
+    collect,
+    ledger_row,
+    load_partitions,
     output_hash,
     read_config,
     read_policy,
     run_context,
+    write_partition,
+    write_table_atomic,
 )
 from weft.pipelines.ray_runtime import RayConfig, apply_stage
-from weft.pipelines.video import InferenceConfig
 from weft.schemas.config_doc import render_defaults
 from weft.schemas.ids import hash_of
 from weft.schemas.ledger import LedgerEntry, StagePlan, write_ledger
 from weft.schemas.policy import Policy
-from weft.schemas.run_dir import RunDir, write_atomic
-from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, RunContext, Stage, ledger_rows_of
+from weft.schemas.run_dir import RunDir
+from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, Stage, ledger_rows_of
 from weft.stages.infer.cache import RequestCache
 from weft.stages.infer.prompts import load_prompt
 from weft.stages.infer.registry import ModelRegistry, load_registry, model_revision
@@ -80,8 +83,6 @@ LLM_FILTER = StagePlan("llm_filter", "1", "map")
 CAPTION_FIRST = StagePlan("caption_first", "1", "map")
 SUMMARIZE = StagePlan("summarize", "1", "map")
 BAND_RULES = "llm_filter_band"  # policy block: quality_score bounds of the uncertain band
-# Bookkeeping that never leaves a partition (image bytes do: captions and shards need them).
-NOT_STORED = (LEDGER_COLUMN,)
 
 
 def partition_stages(config: WebPipelineConfig) -> list[type[Stage]]:
@@ -243,48 +244,18 @@ def preflight(loaded: LoadedWebConfig) -> None:
 def process_partition(group: list[dict[str, Any]], pid: str, loaded: LoadedWebConfig,
                       run: RunDir, run_id: str) -> dict[str, Any]:
     """Run every per-document stage over one partition and write its outputs atomically."""
-    import ray
     import ray.data
 
     ds = ray.data.from_arrow(pa.Table.from_pylist(group))
     for index, stage_cls in enumerate(partition_stages(loaded.config), start=1):
         ctx = run_context(loaded, run, run_id, stage_index=index)
         ds = apply_stage(ds, stage_cls, loaded.config.stage_config(stage_cls), ctx)
-    table = pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
-    ledger = ledger_rows_of(table.select([LEDGER_COLUMN]).to_pylist())
-    docs = table.filter(pc.equal(table["item_kind"], "web_doc"))
-    docs = docs.drop_columns([c for c in NOT_STORED if c in docs.column_names]).sort_by("item_id")
-    out_dir = run.partition_dir(pid)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if docs.num_rows:
-        pq.write_table(docs, out_dir / "docs.parquet.tmp")
-        (out_dir / "docs.parquet.tmp").replace(out_dir / "docs.parquet")
-    write_ledger(ledger, run.ledger_dir / f"part-{pid}.parquet")
-    kept = pc.sum(pc.equal(docs[DECISION_COLUMN], "keep")).as_py() or 0 if docs.num_rows else 0
-    summary = {"partition_id": pid, "files": len(group), "doc_rows": docs.num_rows,
-               "docs_kept": kept, "ledger_rows": len(ledger)}
-    write_atomic(out_dir / "_SUCCESS", json.dumps(summary).encode())
-    return summary
+    return write_partition(run, pid, collect(ds), "web_doc", "docs", {"files": len(group)})
 
 
 # ---------------------------------------------------------------------------
 # global steps: near-duplicate documents, then the LLM fine filter
 # ---------------------------------------------------------------------------
-
-def load_partition_docs(run: RunDir, partition_ids: list[str]) -> pa.Table | None:
-    tables = [pq.read_table(path) for pid in partition_ids
-              if (path := run.partition_dir(pid) / "docs.parquet").exists()]
-    if not tables:
-        return None
-    return pa.concat_tables(tables, promote_options="default").sort_by("item_id")
-
-
-def _ledger_row(entry: LedgerEntry, stage: StagePlan, index: int, config_hash: str,
-                ctx: RunContext) -> dict[str, Any]:
-    return entry.to_row(run_id=ctx.run_id, stage=stage.name, stage_index=index,
-                        stage_version=stage.version, config_hash=config_hash,
-                        policy_hash=ctx.policy.policy_hash, code_version=ctx.code_version)
-
 
 def _keep(entries: list[LedgerEntry], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r, e in zip(rows, entries, strict=True) if e.decision == "keep"]
@@ -293,7 +264,7 @@ def _keep(entries: list[LedgerEntry], rows: list[dict[str, Any]]) -> list[dict[s
 def run_global(loaded: LoadedWebConfig, run: RunDir, run_id: str,
                partition_ids: list[str]) -> dict[str, Any]:
     """The steps that compare documents with each other, then the LLM; writes outputs."""
-    docs = load_partition_docs(run, partition_ids)
+    docs = load_partitions(run, partition_ids, "docs")
     rows = [] if docs is None else \
         docs.filter(pc.equal(docs[DECISION_COLUMN], "keep")).to_pylist()
     index = len(partition_stages(loaded.config)) + 1
@@ -304,7 +275,7 @@ def run_global(loaded: LoadedWebConfig, run: RunDir, run_id: str,
     ctx = run_context(loaded, run, run_id, stage_index=index)
     entries = near_duplicate_entries(rows, loaded.policy, loaded.config.dedup)
     config_hash = hash_of(DEDUP.name, loaded.config.dedup.model_dump(), length=16)
-    ledger += [_ledger_row(e, DEDUP, index, config_hash, ctx) for e in entries]
+    ledger += [ledger_row(e, DEDUP, config_hash, ctx) for e in entries]
     rows = _keep(entries, rows)
 
     # image_dedup: copies of an image across documents leave all but the best one
@@ -313,7 +284,7 @@ def run_global(loaded: LoadedWebConfig, run: RunDir, run_id: str,
     config_hash = hash_of(IMAGE_DEDUP.name, loaded.config.image_dedup.model_dump(), length=16)
     for row, (entry, columns) in zip(rows, found, strict=True):
         row.update(columns)
-        ledger.append(_ledger_row(entry, IMAGE_DEDUP, index + 1, config_hash, ctx))
+        ledger.append(ledger_row(entry, IMAGE_DEDUP, config_hash, ctx))
 
     # structure: judged on the images that are left
     structure = StructureStage(loaded.config.structure,
@@ -339,8 +310,7 @@ def ask_model(loaded: LoadedWebConfig, run: RunDir, model: str, revision: str,
               requests: list[ChatRequest]) -> tuple[list[Completion], InferenceStats]:
     """Answers in request order, through the run's request cache (misses only reach the model)."""
     keys = [r.key(model, revision) for r in requests]
-    cache_path = Path(loaded.config.inference.cache_path or run.root / "cache" / "requests.sqlite")
-    with RequestCache(cache_path.expanduser()) as cache:
+    with RequestCache(loaded.config.inference.cache_file(run)) as cache:
         answers, stats = run_requests(dict(zip(keys, requests, strict=True)),
                                       loaded.registry.get(model), model, revision, cache,
                                       total=len(keys))
@@ -388,7 +358,7 @@ def run_llm_filter(docs: list[dict[str, Any]], loaded: LoadedWebConfig, run: Run
                             thresholds=loaded.policy.thresholds(LLM_FILTER.name),
                             details=details, model_id=model_id, model_revision=model_rev,
                             prompt_hash=prompt_hash)
-        ledger.append(_ledger_row(entry, LLM_FILTER, index, config_hash, ctx))
+        ledger.append(ledger_row(entry, LLM_FILTER, config_hash, ctx))
         if decision == "keep":
             kept.append(doc)
     write_ledger(ledger, run.ledger_dir / "llm_filter.parquet")
@@ -425,9 +395,9 @@ def run_enrich(docs: list[dict[str, Any]], loaded: LoadedWebConfig, run: RunDir,
             details = {"captions": [{"text": a.text, "completion_tokens": a.completion_tokens,
                                      "latency_ms": a.latency_ms, "error": a.error}
                                     for a in answers_of_doc]}
-            ledger.append(_ledger_row(_doc_entry(doc, loaded, CAPTION_FIRST, scores, details,
-                                                 cap_cfg.model, revision, prompt.prompt_hash),
-                                      CAPTION_FIRST, index, config_hash, ctx))
+            ledger.append(ledger_row(_doc_entry(doc, loaded, CAPTION_FIRST, scores, details,
+                                                cap_cfg.model, revision, prompt.prompt_hash),
+                                     CAPTION_FIRST, config_hash, ctx))
         index += 1
     if sum_cfg.enabled:
         import transformers
@@ -458,9 +428,9 @@ def run_enrich(docs: list[dict[str, Any]], loaded: LoadedWebConfig, run: RunDir,
                       "tokens_before": sum(count(r.text) for r in doc_runs),
                       "tokens_after": sum(a.completion_tokens for a in answers_of_doc)}
             details = {"runs": [[r.start, r.end] for r in doc_runs]}
-            ledger.append(_ledger_row(_doc_entry(doc, loaded, SUMMARIZE, scores, details,
-                                                 sum_cfg.model, revision, prompt.prompt_hash),
-                                      SUMMARIZE, index, config_hash, ctx))
+            ledger.append(ledger_row(_doc_entry(doc, loaded, SUMMARIZE, scores, details,
+                                                sum_cfg.model, revision, prompt.prompt_hash),
+                                     SUMMARIZE, config_hash, ctx))
     write_ledger(ledger, run.ledger_dir / "enrich.parquet")
     for k, doc in enumerate(docs):
         doc.update(apply_enrichment(doc, captions[k], runs[k], summaries[k], model_ids))
@@ -481,15 +451,12 @@ def _doc_entry(doc: dict[str, Any], loaded: LoadedWebConfig, stage: StagePlan,
 
 def write_outputs(run: RunDir, kept: list[dict[str, Any]], docs: pa.Table | None) -> None:
     """outputs/docs.parquet: the kept documents (images as the global steps left them)."""
-    run.outputs_dir.mkdir(parents=True, exist_ok=True)
     if docs is None:
         table = pa.table({"item_id": pa.array([], pa.string())})
     else:
         schema = pa.schema([f for f in docs.schema if f.name != DECISION_COLUMN])
         table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in kept],
                                      schema=schema)
-    tmp = run.outputs_dir / "docs.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(run.outputs_dir / "docs.parquet")
+    write_table_atomic(table, run.outputs_dir / "docs.parquet")
 
 

@@ -95,6 +95,11 @@ def image_item(src: str | None, alt: str | None = None, path: str | None = None,
     return {"type": "image", "src": src, "alt": alt, "path": path, "url": url}
 
 
+def items_text(items: Iterable[dict[str, Any]] | None) -> str:
+    """A document's text: its non-empty text items in order, joined by blank lines."""
+    return "\n\n".join(i["text"] for i in items or [] if i.get("type") == "text" and i.get("text"))
+
+
 def canonical_doc_id(record: dict[str, Any]) -> str:
     """sha256 of the record's content (url, path, title, lang, items), not of its metadata.
 

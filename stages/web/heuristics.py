@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import Field
 
+from weft.schemas.web import items_text
 from weft.stages.base import ItemError, Outcome, Resources, Stage, StageConfig
 
 # Gopher's stop words: a document must contain at least two of them (English).
@@ -245,15 +246,14 @@ def text_scores(text: str) -> dict[str, float]:
     return {k: v if isinstance(v, int) else round(float(v), 6) for k, v in scores.items()}
 
 
-def document_text(row: dict[str, Any], joiner: str = "\n\n") -> str:
+def document_text(row: dict[str, Any]) -> str:
     """A row's document text: its `text` column, else its text items joined by a blank line.
 
     Raises ItemError("empty_text") when there is no non-blank text.
     """
     text = row.get("text")
     if text is None and row.get("items") is not None:
-        text = joiner.join(item["text"] for item in row["items"]
-                           if item.get("type") == "text" and item.get("text"))
+        text = items_text(row["items"])
     if not isinstance(text, str) or not text.strip():
         raise ItemError("empty_text", f"document {row.get('item_id')} has no text")
     return text

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from weft.schemas.ledger import LedgerEntry
 from weft.schemas.policy import Policy
+from weft.schemas.web import items_text
 
 DEDUP_STAGE = "dedup"
 DEDUP_VERSION = "1"
@@ -98,8 +99,7 @@ def document_text(row: dict[str, Any]) -> str:
     text = row.get("text")
     if isinstance(text, str):
         return text
-    return "\n\n".join(item.get("text") or "" for item in row.get("items") or []
-                       if item.get("type") == "text")
+    return items_text(row.get("items"))
 
 
 def _doc_id(row: dict[str, Any]) -> str:

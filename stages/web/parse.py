@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import Field
 
-from weft.schemas.web import WEB_DOC_FIELDS
+from weft.schemas.web import WEB_DOC_FIELDS, items_text
 from weft.stages.base import Outcome, Resources, RunContext, Stage, StageConfig
 from weft.stages.web.html_convert import HtmlConvertConfig, HtmlConvertStage
 from weft.stages.web.reader import ReadRecordsConfig, ReadRecordsStage, file_format
@@ -40,11 +40,6 @@ class _Html(HtmlConvertStage):
 
 class _Records(ReadRecordsStage):
     name = "parse"
-
-
-def document_text(items: list[dict[str, Any]] | None) -> str:
-    """The text items of a document in order, joined by blank lines."""
-    return "\n\n".join(i["text"] for i in items or [] if i.get("type") == "text" and i["text"])
 
 
 class ParseStage(Stage):
@@ -78,5 +73,5 @@ class ParseStage(Stage):
             file_format(path)
             outcomes = self._records.process(row)
         for outcome in outcomes:
-            outcome.row["text"] = document_text(outcome.row.get("items"))
+            outcome.row["text"] = items_text(outcome.row.get("items"))
         return outcomes
