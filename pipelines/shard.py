@@ -1,6 +1,7 @@
 """Write training samples to deterministic WebDataset shards, and verify a shard set.
 
-`write_shards` takes samples `{"key": str, "json": dict, "members": {name: bytes}}`
+`write_shards` takes samples `{"key": str, "json": dict, "members": {name: bytes}}` (plus
+optional `dataset`, `run_id`, `run_dir`, which go to the manifest only)
 (format: `weft.schemas.shards`), orders them by key, shuffles that order with
 `random.Random(seed)`, and writes `{prefix}-{index:06d}.tar` files with fixed tar
 metadata, so the same samples and seed give byte-identical shards. A shard rolls over
@@ -98,8 +99,11 @@ def _entry_bytes(size: int) -> int:
     return _BLOCK + -(-size // _BLOCK) * _BLOCK
 
 
+_ORIGIN = ("dataset", "run_id", "run_dir")
+
+
 def _prepare(sample: dict[str, Any]) -> tuple[str, list[tuple[str, bytes]], dict[str, Any]]:
-    """(key, [(member, bytes)] in tar order, record) after checking the sample fully."""
+    """(key, [(member, bytes)] in tar order, record + origin) after checking the sample."""
     key = check_key(sample.get("key"))
     record = sample.get("json")
     if not isinstance(record, dict) or record.get("key") != key:
@@ -114,7 +118,11 @@ def _prepare(sample: dict[str, Any]) -> tuple[str, list[tuple[str, bytes]], dict
     validate_record(record, set(members))
     ordered = [(json_member(key), record_bytes(record))]
     ordered += [(n, bytes(members[n])) for n in sorted(members, key=_member_sort_key)]
-    return key, ordered, record
+    origin = {k: sample.get(k) for k in _ORIGIN}
+    for k, v in origin.items():
+        if v is not None and not isinstance(v, str):
+            raise ShardFormatError(f"sample {key}: {k} must be a string")
+    return key, ordered, {**record, "_origin": origin}
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -154,6 +162,7 @@ def _write_tar(path: Path, samples: list[tuple[str, list[tuple[str, bytes]], dic
                 "ledger_item_id": record.get("ledger_item_id"),
                 "json_sha256": hashlib.sha256(members[0][1]).hexdigest(),
                 "scores": json.dumps(record.get("scores") or {}, sort_keys=True),
+                **record["_origin"],
             })
     info = ShardInfo(path.name, len(samples), tmp.stat().st_size, _sha256_file(tmp))
     tmp.replace(path)
@@ -474,13 +483,22 @@ def _scores(row: dict[str, Any], names: Iterable[str]) -> dict[str, float]:
     return out
 
 
-def samples_from_captions(run_dir: str | Path) -> list[dict[str, Any]]:
+def _origin(root: Path, dataset: str | None) -> dict[str, Any]:
+    """The manifest's provenance fields for samples of one run directory."""
+    manifest = root / "run.json"
+    run_id = json.loads(manifest.read_text()).get("run_id") if manifest.is_file() else None
+    return {"dataset": dataset, "run_id": run_id, "run_dir": str(root.resolve())}
+
+
+def samples_from_captions(run_dir: str | Path, dataset: str | None = None
+                          ) -> list[dict[str, Any]]:
     """One `video_clip` sample per row of RUN_DIR/outputs/captions.parquet.
 
     The key is the row's sample_id (falls back to a hash of the clip id); key frames are
     read from the run directory (paths must stay inside it).
     """
     root = Path(run_dir)
+    origin = _origin(root, dataset)
     table = pq.read_table(root / "outputs" / "captions.parquet")
     score_cols = [c for c in table.column_names if c.endswith("score")]
     samples = []
@@ -508,11 +526,11 @@ def samples_from_captions(run_dir: str | Path) -> list[dict[str, Any]]:
                   "parent_ids": parents, "ledger_item_id": row["item_id"],
                   "sequence": sequence, "scores": _scores(row, score_cols),
                   "licence": row.get("licence")}
-        samples.append({"key": key, "json": record, "members": members})
+        samples.append({"key": key, "json": record, "members": members, **origin})
     return samples
 
 
-def samples_from_docs(run_dir: str | Path) -> list[dict[str, Any]]:
+def samples_from_docs(run_dir: str | Path, dataset: str | None = None) -> list[dict[str, Any]]:
     """One `web_doc` sample per row of RUN_DIR/outputs/docs.parquet.
 
     Images come from `image_bytes` (aligned with the image items) in their own
@@ -521,6 +539,7 @@ def samples_from_docs(run_dir: str | Path) -> list[dict[str, Any]]:
     the first text item (role "title"); body text has role "text".
     """
     root = Path(run_dir)
+    origin = _origin(root, dataset)
     table = pq.read_table(root / "outputs" / "docs.parquet")
     score_cols = [c for c in table.column_names if c.endswith("score")]
     samples = []
@@ -559,7 +578,7 @@ def samples_from_docs(run_dir: str | Path) -> list[dict[str, Any]]:
                   "ledger_item_id": doc_id, "sequence": sequence,
                   "scores": _scores(row, score_cols),
                   "licence": licence if isinstance(licence, str) else None}
-        samples.append({"key": key, "json": record, "members": members})
+        samples.append({"key": key, "json": record, "members": members, **origin})
     return samples
 
 

@@ -25,7 +25,8 @@ separator, `..`, or an absolute path (`safe_member_name`).
 
 The shard set's manifest (`manifest.parquet`, `MANIFEST_SCHEMA`) has one row per
 sample: where it lies (shard, byte offset of its first tar header, bytes it spans),
-its members, its ledger and source ids, and the sha256 of its JSON member.
+its members, its ledger and source ids, the sha256 of its JSON member, and where its
+decisions are recorded (dataset, run id and run directory: `weft audit trace KEY`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("ledger_item_id", pa.string()),
         pa.field("json_sha256", pa.string(), nullable=False),
         pa.field("scores", pa.string()),  # JSON object
+        pa.field("dataset", pa.string()),  # the mixture source it was written for
+        pa.field("run_id", pa.string()),  # the curation run whose ledger decided it
+        pa.field("run_dir", pa.string()),  # where that run's ledger lies (absolute)
     ],
     metadata={"weft.table": "shard_manifest",
               "weft.schema_version": str(SHARD_FORMAT_VERSION)},

@@ -247,7 +247,8 @@ class ClipsStage(Stage):
     @staticmethod
     def _details(planned: PlannedClip) -> dict[str, Any]:
         return {"shot_index": planned.shot_index, "start_frame": planned.start_frame,
-                "end_frame": planned.end_frame}
+                "end_frame": planned.end_frame, "start_s": round(planned.start_s, 6),
+                "end_s": round(planned.end_s, 6)}
 
     def _child_row(self, row: dict[str, Any], planned: PlannedClip, cid: str) -> dict[str, Any]:
         """A clip row with the span filled in; pixels and files come from extraction."""
