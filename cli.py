@@ -22,6 +22,12 @@ app.add_typer(assets_app, name="assets")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
+shards_app = typer.Typer(no_args_is_help=True,
+                         help="WebDataset shards: write them from curated runs, verify them.")
+app.add_typer(shards_app, name="shards")
+policy_app = typer.Typer(no_args_is_help=True,
+                         help="Re-decide a finished run under another policy, from stored scores.")
+app.add_typer(policy_app, name="policy")
 web_app = typer.Typer(no_args_is_help=True,
                       help="Web documents: run the curation flow, train text classifiers.")
 app.add_typer(web_app, name="web")
@@ -91,7 +97,7 @@ def demo(
     models_dir: Annotated[Path, typer.Option("--models-dir", help="where tiny models are "
                                              "built")] = Path("~/.cache/weft/models/tiny"),
 ) -> None:
-    """Fetch sample videos, build tiny models, and run the demo flow to captions."""
+    """Fetch sample videos, build tiny models, run the demo flow to captions, write shards."""
     import yaml
 
     from weft.assets import fetch
@@ -125,6 +131,9 @@ def demo(
         "embed": {"model_dir": str(clip_dir)},
     }, sort_keys=False))
     video(input=inputs, run_dir=run_dir, config=config)
+    shards_write(out=run_dir.parent / f"{run_dir.name}-shards", mixture_file=None,
+                 run_dir=run_dir, name="video", seed=0, max_shard_bytes=1_000_000_000,
+                 verify=True)
 
 
 @assets_app.command("fetch")
@@ -314,8 +323,152 @@ def _llm_labels(text_list: list[str], llm: str, models: Path | None, cache_path:
     return result.labels, result.data_source(what)
 
 
+@shards_app.command("write")
+def shards_write(
+    out: Annotated[Path, typer.Option("--out", help="output folder (one shard set per "
+                                                    "dataset, mixture.json)")],
+    mixture_file: Annotated[Path | None, typer.Option("--mixture", help="mixture YAML "
+                                                      "(configs/mixtures/example.yaml)")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="shard one finished run "
+                                                 "(instead of --mixture)")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="dataset name with --run-dir "
+                                             "(default: the pipeline)")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="with --run-dir")] = 0,
+    max_shard_bytes: Annotated[int, typer.Option("--max-shard-bytes", help="with "
+                                                 "--run-dir")] = 1_000_000_000,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify")] = True,
+) -> None:
+    """Write curated runs to WebDataset shards (a Prefect flow), then verify them."""
+    from weft.flows import shards_flow
+    from weft.pipelines.common import ConfigError
+    from weft.pipelines.mixture import load_mixture, single_run_mixture, source_dir
+
+    if (mixture_file is None) == (run_dir is None):
+        _fail("give exactly one of --mixture FILE or --run-dir RUN_DIR")
+    try:
+        if mixture_file is not None:
+            config, base = load_mixture(mixture_file)
+        else:
+            config, base = single_run_mixture(run_dir, name, seed, max_shard_bytes), Path(".")
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    resolved = config.model_dump(mode="json")
+    for source, data in zip(config.sources, resolved["sources"], strict=True):
+        data["run_dir"] = str(source_dir(source, base))
+    result = shards_flow(config=resolved, out_dir=str(out.resolve()), verify=verify)
+    print_shards(result["datasets"], result["verify"])
+    console.print(f"mixture index: {result['mixture']}")
+    if not all(v["ok"] for v in result["verify"]):
+        raise typer.Exit(1)
+
+
+def print_shards(datasets: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
+    """The end-of-step summary: rows, kept, drops and errors, shards, bytes, verification."""
+    table = Table(title="shards")
+    for col in ("dataset", "rows", "kept", "dropped", "errors", "shards", "bytes", "verify"):
+        table.add_column(col, justify="left" if col in ("dataset", "dropped", "errors",
+                                                        "verify") else "right")
+    for r, v in zip(datasets, checks, strict=True):
+        table.add_row(r["name"], str(r["rows"]), str(r["kept"]),
+                      ", ".join(f"{k}={n}" for k, n in r["dropped"].items()) or "0",
+                      ", ".join(f"{k}={n}" for k, n in r["errors"].items()) or "0",
+                      str(r["shards"]), f"{r['bytes']:,}",
+                      "skipped" if v.get("skipped") else "ok" if v["ok"] else
+                      f"{len(v['problems'])} problems")
+    console.print(table)
+
+
+@shards_app.command("verify")
+def shards_verify(path: Annotated[Path, typer.Argument(help="a shard set or a mixture "
+                                                              "output folder")]) -> None:
+    """Decode every sample, check shard hashes, the index and the manifest; exit 1 on any
+    mismatch."""
+    from tqdm import tqdm
+
+    from weft.pipelines.mixture import shard_sets
+    from weft.pipelines.shard import verify_shards
+
+    try:
+        sets = shard_sets(path)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    table = Table(title=f"verify {path}")
+    for col in ("shard set", "shards", "samples", "images", "problems"):
+        table.add_column(col, justify="left" if col == "shard set" else "right")
+    problems = []
+    for shard_dir in tqdm(sets, desc="verify", unit="set", disable=len(sets) < 2):
+        report = verify_shards(shard_dir)
+        table.add_row(str(shard_dir), str(report.n_shards), str(report.n_samples),
+                      str(report.n_images), str(len(report.problems)))
+        problems += report.problems
+    console.print(table)
+    for problem in problems:
+        console.print(f"[red]problem:[/] {problem}", markup=True, highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    console.print("[green]all samples decode; hashes, index and manifest agree[/]")
+
+
+@policy_app.command("apply")
+def policy_apply(
+    run_dir: Annotated[Path, typer.Argument(help="a finished video or web run")],
+    policy: Annotated[Path, typer.Option("--policy", help="the new policy YAML")],
+    out: Annotated[Path | None, typer.Option("--out", help="new run directory (default: "
+                                             "RUN_DIR-policy-<hash>)")] = None,
+    shards: Annotated[Path | None, typer.Option("--shards", help="where the new shard set "
+                                                "goes (default: NEW_RUN/shards)")] = None,
+    write_shards: Annotated[bool, typer.Option("--write-shards/--no-shards")] = True,
+) -> None:
+    """Re-decide RUN_DIR under --policy without recomputing scores or calling models, write
+    a new shard set, and print kept/dropped counts per stage before and after."""
+    from weft.flows import policy_flow
+    from weft.pipelines.audit.policy_apply import PolicyApplyError, default_out_dir
+    from weft.pipelines.common import ConfigError, read_policy
+
+    try:
+        new_policy = read_policy(policy, _policy_blocks(policy))
+    except ConfigError as exc:
+        _fail(str(exc))
+    target = (out or default_out_dir(run_dir.resolve(), new_policy)).resolve()
+    shards_dir = (shards or target / "shards").resolve() if write_shards else None
+    try:
+        result = policy_flow(run_dir=str(run_dir), policy_path=str(policy),
+                             out_dir=str(target), shards_dir=str(shards_dir)
+                             if shards_dir else None)
+    except (ConfigError, PolicyApplyError) as exc:
+        _fail(str(exc))
+    table = Table(title=f"policy {new_policy.name} v{new_policy.version} applied")
+    for col in ("stage", "kept before", "kept after", "dropped before", "dropped after",
+                "errors"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in result["stages"]:
+        changed = s["kept_before"] != s["kept_after"]
+        style = "bold yellow" if changed else None
+        table.add_row(s["stage"], str(s["kept_before"]), str(s["kept_after"]),
+                      str(s["dropped_before"]), str(s["dropped_after"]),
+                      str(s["errored_after"]), style=style)
+    console.print(table)
+    console.print(f"model calls: {result['model_calls']}; new run: {result['run_dir']}")
+    if result["shards"]:
+        print_shards(result["shards"]["datasets"], result["shards"]["verify"])
+
+
+def _policy_blocks(path: Path) -> set[str]:
+    """The blocks a policy file names (read_policy checks them against the run later)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return set()
+    rules = data.get("rules") if isinstance(data, dict) else None
+    return set(rules) if isinstance(rules, dict) else set()
+
+
 def main() -> None:  # pragma: no cover - console entry
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # no internet on curation machines: Prefect's telemetry would only log errors
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     app()
 
 

@@ -18,8 +18,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 
-from weft.pipelines import common, video, web
+from weft.pipelines import common, mixture, video, web
 from weft.pipelines.ray_runtime import init_ray
+from weft.pipelines.shard import verify_shards
 from weft.schemas.ids import hash_of
 from weft.schemas.ledger import FunnelRow, StagePlan, check_invariant, read_ledger, write_ledger
 from weft.schemas.run_dir import RunDir
@@ -210,3 +211,84 @@ def web_flow(input_dir: str, run_dir: str, config_path: str | None = None) -> di
     return {"run_id": started.run_id, "run_dir": str(started.run.root),
             "inputs": started.n_files, "partitions": partitions, "dedup": dedup,
             "funnel": [r.__dict__ for r in rows]}
+
+
+# ---------------------------------------------------------------------------
+# shards
+# ---------------------------------------------------------------------------
+
+@task(name="shard-dataset")
+def shard_dataset(config: dict[str, Any], out_dir: str, name: str) -> dict[str, Any]:
+    """Convert, filter and write one dataset's shards and its ledger rows."""
+    loaded = mixture.MixtureConfig.model_validate(config)
+    return mixture.shard_dataset(loaded, Path(out_dir), Path(out_dir), name).as_dict()
+
+
+@task(name="verify-shards")
+def verify_dataset(shard_dir: str) -> dict[str, Any]:
+    """Decode every sample, check hashes, the index and the manifest."""
+    return verify_shards(shard_dir).as_dict()
+
+
+def shards_markdown(results: list[dict[str, Any]], checks: list[dict[str, Any]]) -> str:
+    lines = ["| dataset | rows | kept | dropped | errors | shards | bytes | verify |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r, v in zip(results, checks, strict=True):
+        dropped = ", ".join(f"{k}: {n}" for k, n in r["dropped"].items()) or "0"
+        errors = ", ".join(f"{k}: {n}" for k, n in r["errors"].items()) or "0"
+        verdict = "ok" if v["ok"] else f"{len(v['problems'])} problems"
+        lines.append(f"| {r['name']} | {r['rows']} | {r['kept']} | {dropped} | {errors} "
+                     f"| {r['shards']} | {r['bytes']} | {verdict} |")
+    return "\n".join(lines)
+
+
+@flow(name="shards_flow", log_prints=True)
+def shards_flow(config: dict[str, Any], out_dir: str, verify: bool = True) -> dict[str, Any]:
+    """Curated runs in, WebDataset shards per dataset + mixture.json out, then verified.
+
+    `config` is a mixture (weft.pipelines.mixture.MixtureConfig) whose run dirs are
+    absolute.
+    """
+    loaded = mixture.MixtureConfig.model_validate(config)
+    out = mixture.start_mixture(loaded, Path("/"), out_dir)
+    results = [shard_dataset(loaded.model_dump(mode="json"), str(out), s.name)
+               for s in loaded.sources]
+    mixture.write_mixture_index(loaded, out, mixture.mixture_run_id(loaded), results)
+    checks = [verify_dataset(str(out / s.name)) if verify else
+              {"ok": True, "problems": [], "skipped": True} for s in loaded.sources]
+    table = shards_markdown(results, checks)
+    create_markdown_artifact(key="shards", markdown=f"# Shards\n\n{table}\n",
+                             description=f"mixture {loaded.name} in {out}")
+    return {"out_dir": str(out), "datasets": results, "verify": checks,
+            "mixture": str(out / mixture.MIXTURE_FILE)}
+
+
+# ---------------------------------------------------------------------------
+# re-deciding a run under a new policy
+# ---------------------------------------------------------------------------
+
+def policy_markdown(stages: list[dict[str, Any]]) -> str:
+    lines = ["| stage | kept before | kept after | dropped before | dropped after | errors |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s in stages:
+        lines.append(f"| {s['stage']} | {s['kept_before']} | {s['kept_after']} "
+                     f"| {s['dropped_before']} | {s['dropped_after']} | {s['errored_after']} |")
+    return "\n".join(lines)
+
+
+@flow(name="policy_flow", log_prints=True)
+def policy_flow(run_dir: str, policy_path: str, out_dir: str | None = None,
+                shards_dir: str | None = None) -> dict[str, Any]:
+    """Re-decide a finished run under a new policy from its stored scores, then shard it."""
+    from weft.pipelines.audit.policy_apply import apply_policy
+
+    result = apply_policy(run_dir, policy_path, out_dir).as_dict()
+    table = policy_markdown(result["stages"])
+    create_markdown_artifact(key="policy-apply", markdown=f"# Policy applied\n\n{table}\n\n"
+                             f"model calls: {result['model_calls']}\n",
+                             description=f"{run_dir} -> {result['run_dir']}")
+    shards = None
+    if shards_dir is not None:
+        config = mixture.single_run_mixture(result["run_dir"])
+        shards = shards_flow(config=config.model_dump(mode="json"), out_dir=shards_dir)
+    return {**result, "shards": shards}

@@ -5,15 +5,14 @@ optional `dataset`, `run_id`, `run_dir`, which go to the manifest only)
 (format: `weft.schemas.shards`), orders them by key, shuffles that order with
 `random.Random(seed)`, and writes `{prefix}-{index:06d}.tar` files with fixed tar
 metadata, so the same samples and seed give byte-identical shards. A shard rolls over
-before a sample would take it past `max_shard_bytes` (a sample larger than the limit
-gets a shard of its own). Next to the shards: `index.json` (a wids shard index, with
+before a sample would take its file (tar padding included) past `max_shard_bytes` (a
+sample larger than the limit gets a shard of its own). Next to the shards: `index.json` (a wids shard index, with
 each shard's size and sha256) and `manifest.parquet` (one row per sample).
 
 `verify_shards` reads a shard set back in full and reports every problem it finds;
 it never raises for a damaged shard set.
 
-`samples_from_captions` / `samples_from_docs` turn the video pipeline's
-`outputs/captions.parquet` and the web pipeline's `outputs/docs.parquet` into samples.
+The samples come from `weft.pipelines.shard_samples` (the pipelines' outputs as samples).
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from weft.schemas.ids import hash_of
 from weft.schemas.run_dir import write_atomic
 from weft.schemas.shards import (
     IMAGE_EXTS,
@@ -41,7 +39,6 @@ from weft.schemas.shards import (
     SHARD_FORMAT_VERSION,
     ShardFormatError,
     check_key,
-    image_member,
     json_member,
     safe_member_name,
     validate_record,
@@ -97,6 +94,12 @@ def _member_sort_key(name: str) -> tuple[int, int]:
 
 def _entry_bytes(size: int) -> int:
     return _BLOCK + -(-size // _BLOCK) * _BLOCK
+
+
+def _file_bytes(entries: int) -> int:
+    """A tar file's size: its entries, the end-of-archive marker, padded to whole records."""
+    record = tarfile.RECORDSIZE
+    return -(-(entries + 2 * _BLOCK) // record) * record
 
 
 _ORIGIN = ("dataset", "run_id", "run_dir")
@@ -196,7 +199,7 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *,
     for key in order:
         entry = prepared[key]
         need = sum(_entry_bytes(len(d)) for _, d in entry[1])
-        if not groups or (groups[-1] and size + need > max_shard_bytes):
+        if not groups or (groups[-1] and _file_bytes(size + need) > max_shard_bytes):
             groups.append([])
             size = 0
         groups[-1].append(entry)
@@ -210,11 +213,6 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *,
         info, shard_rows = _write_tar(out / f"{prefix}-{i:06d}.tar", group, i)
         shards.append(info)
         rows += shard_rows
-    pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})\.tar$")
-    for stale in out.iterdir():
-        m = pattern.match(stale.name)
-        if m and int(m.group(1)) >= len(groups):
-            stale.unlink()
 
     index = {
         "__kind__": INDEX_KIND,
@@ -233,6 +231,12 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *,
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     write_atomic(manifest_path, sink.getvalue().to_pybytes())
+    # only now, with the new index in place, do shards beyond it go
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})\.tar$")
+    for stale in out.iterdir():
+        m = pattern.match(stale.name)
+        if m and int(m.group(1)) >= len(groups):
+            stale.unlink()
     return ShardSetSummary(str(out), shards, len(rows), str(index_path), str(manifest_path),
                            seed, max_shard_bytes)
 
@@ -427,163 +431,19 @@ def verify_shards(shard_dir: str | Path) -> VerifyReport:
 
 
 def safe_shard_name(name: Any) -> str:
+    """The name itself when it is a plain `<prefix>-NNNNNN.tar` (no path): what an index
+    may list, so reading an index never opens a file outside its directory."""
     if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_-]+-\d{6}\.tar$", name):
         raise ValueError(f"shard url must be a plain shard file name, got {name!r}")
     return name
 
 
-# ---- samples from the pipelines' outputs -------------------------------------------------------
-def _image_ext(data: bytes) -> str | None:
-    """jpg / png / webp from the bytes' own signature; None for anything else."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
-def _as_supported(data: bytes) -> tuple[bytes, str]:
-    """The bytes and extension, re-encoded losslessly to PNG when not jpg/png/webp."""
-    ext = _image_ext(data)
-    if ext is not None:
-        return data, ext
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.seek(0)
-        frame = image.convert("RGBA" if "A" in image.getbands() or
-                              "transparency" in image.info else "RGB")
-    buf = io.BytesIO()
-    frame.save(buf, format="PNG", optimize=False)
-    return buf.getvalue(), "png"
-
-
-def _sample_key(value: Any, kind: str, item_id: str) -> str:
-    try:
-        return check_key(value)
-    except ShardFormatError:
-        return hash_of("sample", kind, item_id)
-
-
-def _inside(root: Path, rel: str) -> Path:
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise ShardFormatError(f"key frame path {rel!r} leaves the run directory")
-    return path
-
-
-def _scores(row: dict[str, Any], names: Iterable[str]) -> dict[str, float]:
-    out = {}
-    for name in names:
-        value = row.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
-            out[name] = float(value)
-    return out
-
-
-def _origin(root: Path, dataset: str | None) -> dict[str, Any]:
-    """The manifest's provenance fields for samples of one run directory."""
-    manifest = root / "run.json"
-    run_id = json.loads(manifest.read_text()).get("run_id") if manifest.is_file() else None
-    return {"dataset": dataset, "run_id": run_id, "run_dir": str(root.resolve())}
-
-
-def samples_from_captions(run_dir: str | Path, dataset: str | None = None
-                          ) -> list[dict[str, Any]]:
-    """One `video_clip` sample per row of RUN_DIR/outputs/captions.parquet.
-
-    The key is the row's sample_id (falls back to a hash of the clip id); key frames are
-    read from the run directory (paths must stay inside it).
-    """
-    root = Path(run_dir)
-    origin = _origin(root, dataset)
-    table = pq.read_table(root / "outputs" / "captions.parquet")
-    score_cols = [c for c in table.column_names if c.endswith("score")]
-    samples = []
-    for row in table.to_pylist():
-        key = _sample_key(row.get("sample_id"), "video_clip", row["item_id"])
-        members: dict[str, bytes] = {}
-        sequence = []
-        for item in json.loads(row["sequence"]):
-            if item["type"] == "video_frame":
-                data, ext = _as_supported(_inside(root, item["path"]).read_bytes())
-                name = image_member(key, len(members), ext)
-                members[name] = data
-                sequence.append({"type": "video_frame", "member": name,
-                                 "time_s": float(item["time_s"])})
-            elif item["type"] == "text":
-                text = {"type": "text", "role": item.get("role") or "caption",
-                        "text": item["text"]}
-                text.update({k: float(item[k]) for k in ("from_s", "to_s")
-                             if item.get(k) is not None})
-                sequence.append(text)
-            else:
-                raise ShardFormatError(f"clip {row['item_id']}: unknown item {item['type']!r}")
-        parents = [p for p in (row.get("parent_id"), row["item_id"]) if p]
-        record = {"key": key, "kind": "video_clip", "source_id": row.get("source_id"),
-                  "parent_ids": parents, "ledger_item_id": row["item_id"],
-                  "sequence": sequence, "scores": _scores(row, score_cols),
-                  "licence": row.get("licence")}
-        samples.append({"key": key, "json": record, "members": members, **origin})
-    return samples
-
-
-def samples_from_docs(run_dir: str | Path, dataset: str | None = None) -> list[dict[str, Any]]:
-    """One `web_doc` sample per row of RUN_DIR/outputs/docs.parquet.
-
-    Images come from `image_bytes` (aligned with the image items) in their own
-    encoding; an image whose bytes are missing is left out of the sequence, a format
-    other than jpg/png/webp is re-encoded to PNG. The title, when there is one, is
-    the first text item (role "title"); body text has role "text".
-    """
-    root = Path(run_dir)
-    origin = _origin(root, dataset)
-    table = pq.read_table(root / "outputs" / "docs.parquet")
-    score_cols = [c for c in table.column_names if c.endswith("score")]
-    samples = []
-    for row in table.to_pylist():
-        doc_id = row["item_id"]
-        key = _sample_key(doc_id, "web_doc", doc_id)
-        blobs = list(row.get("image_bytes") or [])
-        members: dict[str, bytes] = {}
-        sequence: list[dict[str, Any]] = []
-        if row.get("title"):
-            sequence.append({"type": "text", "role": "title", "text": row["title"]})
-        n_image = 0
-        for item in row.get("items") or []:
-            if item["type"] == "text":
-                if item.get("text"):
-                    sequence.append({"type": "text", "role": "text", "text": item["text"]})
-                continue
-            data = blobs[n_image] if n_image < len(blobs) else None
-            n_image += 1
-            if not data:
-                continue
-            data, ext = _as_supported(data)
-            name = image_member(key, len(members), ext)
-            members[name] = data
-            image = {"type": "image", "member": name}
-            if item.get("alt") is not None:
-                image["alt"] = item["alt"]
-            sequence.append(image)
-        if not sequence:
-            continue
-        metadata = json.loads(row["metadata"]) if row.get("metadata") else {}
-        licence = metadata.get("licence", metadata.get("license")) \
-            if isinstance(metadata, dict) else None
-        record = {"key": key, "kind": "web_doc", "source_id": row.get("source_id"),
-                  "parent_ids": [p for p in (row.get("source_id"),) if p],
-                  "ledger_item_id": doc_id, "sequence": sequence,
-                  "scores": _scores(row, score_cols),
-                  "licence": licence if isinstance(licence, str) else None}
-        samples.append({"key": key, "json": record, "members": members, **origin})
-    return samples
-
-
 __all__ = [
-    "DEFAULT_MAX_SHARD_BYTES", "IMAGE_EXTS", "ShardInfo", "ShardSetSummary", "VerifyReport",
-    "record_bytes", "samples_from_captions", "samples_from_docs", "verify_shards",
-    "write_shards",
+    "DEFAULT_MAX_SHARD_BYTES", "IMAGE_EXTS", "INDEX_NAME", "MANIFEST_NAME", "ShardInfo",
+    "ShardSetSummary", "VerifyReport",
+    "record_bytes", "safe_shard_name", "verify_shards", "write_shards",
 ]
+
+
+# re-exported while callers move to weft.pipelines.shard_samples
+from weft.pipelines.shard_samples import samples_from_captions, samples_from_docs  # noqa: E402,F401

@@ -14,7 +14,8 @@ A sample is a group of WebDataset tar members that share one key:
                                 {"type": "image", "member": "<key>.<n>.<ext>", "alt"?: str}
                                 {"type": "video_frame", "member": "<key>.<n>.<ext>",
                                  "time_s": float}
-        scores          dict  str -> number (quality, language ...); may be empty
+        scores          dict  str -> finite number or null (quality, language ...); may be
+                              empty
         licence         str?  the source's licence when known
     {key}.{n}.{ext}   one image per image / video-frame item, n = 0, 1, ... in sequence
                       order, ext one of jpg, png, webp
@@ -31,6 +32,7 @@ decisions are recorded (dataset, run id and run directory: `weft audit trace KEY
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -118,7 +120,9 @@ def json_member(key: str) -> str:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite int or float (JSON has no NaN or infinity)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and \
+        math.isfinite(value)
 
 
 def validate_record(record: Any, members: set[str] | None = None) -> list[str]:
@@ -147,7 +151,7 @@ def validate_record(record: Any, members: set[str] | None = None) -> list[str]:
     scores = record.get("scores") or {}
     if not isinstance(scores, dict) or not all(
             isinstance(k, str) and (v is None or _number(v)) for k, v in scores.items()):
-        raise ShardFormatError("scores must map strings to numbers")
+        raise ShardFormatError("scores must map strings to finite numbers (or null)")
     sequence = record["sequence"]
     if not isinstance(sequence, list) or not sequence:
         raise ShardFormatError("sequence must be a non-empty list")

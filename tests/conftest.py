@@ -16,6 +16,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="weft-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from weft.assets import AssetUnavailableError, fetch
 from weft.schemas.policy import Policy

@@ -23,81 +23,6 @@ from weft.schemas.run_dir import ConfigMismatchError, RunDir
 pytestmark = pytest.mark.integration
 
 
-def _make_inputs(root: Path, asset, ffmpeg) -> dict[str, Path]:
-    """Real videos, an exact copy, and every kind of bad input the issue names."""
-    root.mkdir(parents=True, exist_ok=True)
-    bikes = asset("bikes.mp4")
-    files = {
-        "bikes": root / "bikes.mp4",
-        "bikes_copy": root / "copies" / "bikes_again.mp4",
-        "megamind": root / "Megamind.avi",
-        "megamind_bugy": root / "Megamind_bugy.avi",
-        "zero": root / "empty.mp4",
-        "truncated": root / "truncated.mp4",
-        "random": root / "random.mp4",
-        "wrong_ext": root / "bikes_really.avi",
-    }
-    files["bikes_copy"].parent.mkdir(exist_ok=True)
-    data = bikes.read_bytes()
-    files["bikes"].write_bytes(data)
-    files["bikes_copy"].write_bytes(data)
-    files["megamind"].write_bytes(asset("Megamind.avi").read_bytes())
-    files["megamind_bugy"].write_bytes(asset("Megamind_bugy.avi").read_bytes())
-    files["zero"].write_bytes(b"")
-    files["truncated"].write_bytes(data[: len(data) * 2 // 5])
-    files["random"].write_bytes(os.urandom(300_000))
-    # A real video in a different container, with the wrong extension.
-    ffmpeg("-i", str(bikes), "-t", "3", "-c:v", "libx264", "-an", "-f", "mp4",
-           str(root / "tmp.mp4"))
-    (root / "tmp.mp4").rename(files["wrong_ext"])
-    return files
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    from weft.stages.video.open_clip_model import save_tiny_open_clip
-
-    out = tmp_path_factory.mktemp("tiny-clip")
-    save_tiny_open_clip(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from weft.stages.infer.tiny_models import make_tiny_models
-
-    return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
-
-
-@pytest.fixture(scope="module")
-def flow_setup(tmp_path_factory, asset, ffmpeg, tiny_clip_dir, tiny_models) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("video-flow")
-    inputs = _make_inputs(root / "inputs", asset, ffmpeg)
-    (root / "models.yaml").write_text(yaml.safe_dump({"models": {
-        "caption-vlm": {"path": str(tiny_models["qwen2_5_vl"]), "kind": "vlm",
-                        "batch_size": 4}}}))
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        # The tiny random models' semantic and caption-quality scores mean nothing;
-        # this policy keeps them in the ledger without deciding on them.
-        "policy": str(video.CONFIGS_DIR / "policies" / "video-tiny-models.yaml"),
-        "models": str(root / "models.yaml"),
-        # One request cache for every run of this module: no run pays twice.
-        "inference": {"cache_path": str(root / "requests.sqlite")},
-        "partition_size": 2,
-        "embed": {"model_dir": str(tiny_clip_dir)},
-        "ray": {"progress_bars": False},
-    }))
-    from weft.flows import video_flow
-
-    run_dir = root / "run"
-    started = time.perf_counter()
-    result = video_flow(input_dir=str(root / "inputs"), run_dir=str(run_dir),
-                        config_path=str(config))
-    return {"root": root, "inputs": inputs, "config": config, "run_dir": run_dir,
-            "result": result, "seconds": time.perf_counter() - started}
-
-
 def _ledger_rows(run_dir: Path) -> list[dict[str, Any]]:
     rows = read_ledger(run_dir / "ledger").to_pylist()
     for r in rows:
@@ -109,8 +34,8 @@ def _by_stage(rows: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
     return [r for r in rows if r["stage"] == stage]
 
 
-def test_every_input_is_accounted_for_and_invariant_holds(flow_setup) -> None:
-    run = RunDir(flow_setup["run_dir"])
+def test_every_input_is_accounted_for_and_invariant_holds(video_run) -> None:
+    run = RunDir(video_run["run_dir"])
     manifest = run.manifest()
     plan = [video.StagePlan(**p) for p in manifest["plan"]]
     funnel = check_invariant(read_ledger(run.ledger_dir), plan, n_inputs=8)
@@ -132,8 +57,8 @@ def _names(rows: list[dict[str, Any]]) -> dict[str, str]:
             for r in _by_stage(rows, "ingest") if r["decision"] == "keep"}
 
 
-def test_bad_inputs_get_error_rows_with_reasons(flow_setup) -> None:
-    rows = _ledger_rows(flow_setup["run_dir"])
+def test_bad_inputs_get_error_rows_with_reasons(video_run) -> None:
+    rows = _ledger_rows(video_run["run_dir"])
     name_of = _names(rows)
     probe = _by_stage(rows, "probe")
     assert len(probe) == 7
@@ -148,8 +73,8 @@ def test_bad_inputs_get_error_rows_with_reasons(flow_setup) -> None:
             assert r["error_type"] and r["error_message"]
 
 
-def test_megamind_reencode_clips_are_marked_duplicates(flow_setup) -> None:
-    rows = _ledger_rows(flow_setup["run_dir"])
+def test_megamind_reencode_clips_are_marked_duplicates(video_run) -> None:
+    rows = _ledger_rows(video_run["run_dir"])
     name_of = _names(rows)
     dedup = _by_stage(rows, "dedup")
     dropped = [r for r in dedup if r["decision"] == "drop"]
@@ -164,8 +89,8 @@ def test_megamind_reencode_clips_are_marked_duplicates(flow_setup) -> None:
     assert bikes and all(r["decision"] == "keep" for r in bikes)
 
 
-def test_outputs_written_for_kept_clips(flow_setup) -> None:
-    run_dir = flow_setup["run_dir"]
+def test_outputs_written_for_kept_clips(video_run) -> None:
+    run_dir = video_run["run_dir"]
     table = pq.read_table(run_dir / "outputs" / "clips.parquet").to_pylist()
     assert table
     kept_ids = {r["item_id"] for r in _by_stage(_ledger_rows(run_dir), "dedup")
@@ -178,14 +103,14 @@ def test_outputs_written_for_kept_clips(flow_setup) -> None:
         assert r["crop_w"] > 0 and r["crop_h"] > 0
 
 
-def test_rerun_with_same_config_recomputes_nothing(flow_setup) -> None:
+def test_rerun_with_same_config_recomputes_nothing(video_run) -> None:
     from weft.flows import video_flow
 
-    run_dir = flow_setup["run_dir"]
+    run_dir = video_run["run_dir"]
     before = _ledger_rows(run_dir)
     mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")}
-    result = video_flow(input_dir=str(flow_setup["root"] / "inputs"), run_dir=str(run_dir),
-                        config_path=str(flow_setup["config"]))
+    result = video_flow(input_dir=str(video_run["root"] / "inputs"), run_dir=str(run_dir),
+                        config_path=str(video_run["config"]))
     assert [p["state"] for p in result["partitions"]] == ["Cached"] * len(result["partitions"])
     assert result["dedup"]["state"] == "Cached"
     assert _ledger_rows(run_dir) == before
@@ -194,16 +119,16 @@ def test_rerun_with_same_config_recomputes_nothing(flow_setup) -> None:
     assert not changed
 
 
-def test_changed_config_is_refused_for_existing_run_dir(flow_setup, tmp_path) -> None:
+def test_changed_config_is_refused_for_existing_run_dir(video_run, tmp_path) -> None:
     from weft.flows import video_flow
 
     changed = tmp_path / "changed.yaml"
-    cfg = yaml.safe_load(flow_setup["config"].read_text())
+    cfg = yaml.safe_load(video_run["config"].read_text())
     cfg["clips"] = {"analysis_fps": 2.0}
     changed.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigMismatchError, match=r"clips\.analysis_fps: 4\.0 -> 2\.0"):
-        video_flow(input_dir=str(flow_setup["root"] / "inputs"),
-                   run_dir=str(flow_setup["run_dir"]), config_path=str(changed))
+        video_flow(input_dir=str(video_run["root"] / "inputs"),
+                   run_dir=str(video_run["run_dir"]), config_path=str(changed))
 
 
 def _digest_tree(run_dir: Path) -> dict[str, str]:
@@ -215,11 +140,11 @@ def _digest_tree(run_dir: Path) -> dict[str, str]:
     return out
 
 
-def test_killed_run_resumes_to_the_same_output_set(flow_setup, tmp_path) -> None:
+def test_killed_run_resumes_to_the_same_output_set(video_run, tmp_path) -> None:
     run_dir = tmp_path / "killed-run"
     cmd = [sys.executable, "-m", "weft.cli", "video", "--input",
-           str(flow_setup["root"] / "inputs"), "--run-dir", str(run_dir),
-           "--config", str(flow_setup["config"])]
+           str(video_run["root"] / "inputs"), "--run-dir", str(run_dir),
+           "--config", str(video_run["config"])]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -239,15 +164,15 @@ def test_killed_run_resumes_to_the_same_output_set(flow_setup, tmp_path) -> None
     # finished partitions were not redone
     for p, m in marker_mtimes.items():
         assert p.stat().st_mtime_ns == m
-    assert _ledger_rows(run_dir) == _ledger_rows(flow_setup["run_dir"])
-    assert _digest_tree(run_dir) == _digest_tree(flow_setup["run_dir"])
+    assert _ledger_rows(run_dir) == _ledger_rows(video_run["run_dir"])
+    assert _digest_tree(run_dir) == _digest_tree(video_run["run_dir"])
     assert pq.read_table(run_dir / "outputs" / "clips.parquet").equals(
-        pq.read_table(flow_setup["run_dir"] / "outputs" / "clips.parquet"))
+        pq.read_table(video_run["run_dir"] / "outputs" / "clips.parquet"))
 
 
-def test_kept_clips_are_captioned_as_interleaved_samples(flow_setup) -> None:
-    run_dir = flow_setup["run_dir"]
-    caption = flow_setup["result"]["caption"]
+def test_kept_clips_are_captioned_as_interleaved_samples(video_run) -> None:
+    run_dir = video_run["run_dir"]
+    caption = video_run["result"]["caption"]
     clips = pq.read_table(run_dir / "outputs" / "clips.parquet").to_pylist()
     samples = pq.read_table(run_dir / "outputs" / "captions.parquet").to_pylist()
     rows = _ledger_rows(run_dir)
@@ -275,21 +200,21 @@ def test_kept_clips_are_captioned_as_interleaved_samples(flow_setup) -> None:
         assert all(d["latency_ms"] > 0 for d in details)
 
 
-def test_second_caption_run_makes_no_model_calls_and_same_bytes(flow_setup, tmp_path) -> None:
+def test_second_caption_run_makes_no_model_calls_and_same_bytes(video_run, tmp_path) -> None:
     """A fresh run directory with the same request cache pays for nothing."""
     import shutil
 
     from weft.pipelines.ray_runtime import RayConfig, init_ray
 
     copy = tmp_path / "copy"
-    shutil.copytree(flow_setup["run_dir"], copy)
+    shutil.copytree(video_run["run_dir"], copy)
     (copy / "outputs" / "captions.parquet").unlink()
     (copy / "ledger" / "caption.parquet").unlink()
-    loaded = video.load_config(flow_setup["config"])
+    loaded = video.load_config(video_run["config"])
     init_ray(RayConfig(progress_bars=False))
-    stats = video.run_captions(loaded, RunDir(copy), flow_setup["result"]["run_id"])
+    stats = video.run_captions(loaded, RunDir(copy), video_run["result"]["run_id"])
     assert stats["model_calls"] == 0 and stats["cache_hits"] == stats["unique"] > 0
     name = "outputs/captions.parquet"
-    assert (copy / name).read_bytes() == (flow_setup["run_dir"] / name).read_bytes()
+    assert (copy / name).read_bytes() == (video_run["run_dir"] / name).read_bytes()
     # the ledger says the same (all but wall-clock elapsed_ms), cached latencies included
-    assert _ledger_rows(copy) == _ledger_rows(flow_setup["run_dir"])
+    assert _ledger_rows(copy) == _ledger_rows(video_run["run_dir"])

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import shutil
-import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -20,88 +14,7 @@ import yaml
 from weft.schemas.ledger import StagePlan, check_invariant, read_ledger
 from weft.schemas.run_dir import RunDir
 
-sys.path.insert(0, str(Path(__file__).parent))
-from web_inputs import GIMP_PAGES, copy_pages, fortunes, hostile_inputs, wiki_texts
-
 pytestmark = pytest.mark.integration
-
-
-def _long_prose(texts: list[str], n: int) -> list[str]:
-    """n passages of 3 joined lead paragraphs each (enough words for the Gopher rules)."""
-    return [" ".join(texts[3 * i:3 * i + 3]) for i in range(n)]
-
-
-class _SlowHandler(http.server.BaseHTTPRequestHandler):
-    """Answers only after the client has given up: a URL that hangs."""
-
-    def do_GET(self) -> None:
-        time.sleep(3)
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def hanging_url():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/slow.png"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(scope="module")
-def web_run(tmp_path_factory, asset, hanging_url) -> dict[str, Any]:
-    from weft.flows import web_flow
-    from weft.stages.infer.tiny_models import make_tiny_models
-    from weft.stages.web.fasttext_classifier import train_classifier
-
-    root = tmp_path_factory.mktemp("web-flow")
-    inputs = root / "inputs"
-    inputs.mkdir()
-    pages = copy_pages(asset("gimp-help-en"), inputs, GIMP_PAGES)
-    # a lightly edited mirror of a page: a near-duplicate document
-    mirror = inputs / "gimp-tool-shear-mirror.html"
-    text = (inputs / "gimp-tool-shear.html").read_text()
-    mirror.write_text(text.replace("Shear", "Shear (mirror copy)", 1))
-    wiki = wiki_texts(asset("summaries_en-us.json"))
-    files = hostile_inputs(inputs, _long_prose(wiki[100:], 10))
-    # encyclopedic prose with one good picture: the classifier is sure, no LLM call
-    rng = np.random.default_rng(0)
-    picture = cv2.GaussianBlur(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8), (5, 5), 1.0)
-    cv2.imwrite(str(inputs / "images" / "prose.png"), picture)
-    prose = _long_prose(wiki[200:], 4)
-    (inputs / "hang.html").write_text(f"<html><body><p>{prose[2]}</p>"
-                                      f"<img src='{hanging_url}' alt='slow'>"
-                                      f"<p>{prose[3]}</p></body></html>")
-    (inputs / "prose.html").write_text(f"<html><body><p>{prose[0]}</p>"
-                                       f"<img src='images/prose.png' alt='a picture'>"
-                                       f"<p>{prose[1]}</p></body></html>")
-    classifier = root / "classifier"
-    train_classifier(wiki[:600] + fortunes(asset("fortunes-cookie"))[:600],
-                     ["high"] * 600 + ["low"] * 600, classifier, seed=0,
-                     data_source="wikipedia summaries (high) vs fortunes cookie (low)")
-    tiny = make_tiny_models(root / "tiny")
-    (root / "models.yaml").write_text(yaml.safe_dump({"models": {
-        "filter-llm": {"path": str(tiny["qwen2_5"]), "kind": "llm", "batch_size": 4},
-        "caption-vlm": {"path": str(tiny["qwen2_5_vl"]), "kind": "vlm", "batch_size": 4}}}))
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "models": str(root / "models.yaml"),
-        "inference": {"cache_path": str(root / "requests.sqlite")},
-        "quality_classifier": {"model_path": str(classifier / "model.bin")},
-        "partition_size": 8,
-        "image_load": {"fetch": {"timeout_s": 1.0, "deadline_s": 2.0, "retries": 1,
-                                 "backoff_s": 0.1}},
-        "ray": {"progress_bars": False},
-    }))
-    result = web_flow(input_dir=str(inputs), run_dir=str(root / "run"), config_path=str(config))
-    return {"root": root, "run_dir": root / "run", "result": result, "files": files,
-            "pages": pages, "mirror": mirror, "config": config}
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:

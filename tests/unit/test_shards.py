@@ -14,12 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from weft.pipelines.shard import (
-    samples_from_captions,
-    samples_from_docs,
-    verify_shards,
-    write_shards,
-)
+from weft.pipelines.shard import verify_shards, write_shards
+from weft.pipelines.shard_samples import convert_run, samples_from_captions, samples_from_docs
 from weft.schemas.ids import hash_of
 from weft.schemas.shards import (
     MANIFEST_SCHEMA,
@@ -252,6 +248,10 @@ def test_samples_from_captions(tmp_path):
                    tmp_path / "outputs" / "captions.parquet")
     with pytest.raises(ShardFormatError):
         samples_from_captions(tmp_path)
+    # the shard step records the bad row and goes on
+    [converted] = convert_run(tmp_path, "clips", pipeline="video")
+    assert converted.sample is None and converted.reason == "conversion_error"
+    assert "leaves the run directory" in str(converted.error)
 
 
 def test_samples_from_docs(tmp_path):
@@ -283,3 +283,19 @@ def test_samples_from_docs(tmp_path):
     out = tmp_path / "shards"
     write_shards([sample], out)
     assert verify_shards(out).ok
+
+
+def test_shard_files_stay_within_the_size_limit(tmp_path):
+    samples = [_sample(i) for i in range(12)]
+    limit = 24_000
+    summary = write_shards(samples, tmp_path, max_shard_bytes=limit)
+    assert len(summary.shards) >= 2
+    for shard in summary.shards:
+        assert (tmp_path / shard.name).stat().st_size <= limit
+
+
+def test_non_finite_numbers_are_a_format_error(tmp_path):
+    sample = _sample(0)
+    bad = {**sample, "json": {**sample["json"], "scores": {"q": float("nan")}}}
+    with pytest.raises(ShardFormatError, match="finite"):
+        write_shards([bad], tmp_path)
