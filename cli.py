@@ -25,6 +25,10 @@ app.add_typer(config_app, name="config")
 shards_app = typer.Typer(no_args_is_help=True,
                          help="WebDataset shards: write them from curated runs, verify them.")
 app.add_typer(shards_app, name="shards")
+audit_app = typer.Typer(no_args_is_help=True,
+                        help="Answer an auditor from the ledger: trace a sample, explain a drop, "
+                             "report a run.")
+app.add_typer(audit_app, name="audit")
 policy_app = typer.Typer(no_args_is_help=True,
                          help="Re-decide a finished run under another policy, from stored scores.")
 app.add_typer(policy_app, name="policy")
@@ -407,6 +411,62 @@ def shards_verify(path: Annotated[Path, typer.Argument(help="a shard set or a mi
     if problems:
         raise typer.Exit(1)
     console.print("[green]all samples decode; hashes, index and manifest agree[/]")
+
+
+@audit_app.command("trace")
+def audit_trace(
+    key: Annotated[str, typer.Argument(help="a shard sample key (or a unique prefix, >= 8 hex)")],
+    shards: Annotated[list[Path], typer.Option("--shards", help="shard set or mixture folder "
+                                               "(repeatable)")],
+    check_source: Annotated[bool, typer.Option("--check-source", help="re-hash the source "
+                                               "file at its recorded path")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """The whole chain of a shard sample back to its source bytes: stages, scores,
+    thresholds, models and prompts."""
+    import json
+
+    from rich.markdown import Markdown
+
+    from weft.pipelines.audit.trace import render_trace, trace_key
+    from weft.pipelines.mixture import shard_sets
+
+    try:
+        dirs = [d for path in shards for d in shard_sets(path)]
+        trace = trace_key(key, dirs, check_source=check_source)
+    except (LookupError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(trace.to_dict(), indent=2, default=str))
+    else:
+        console.print(Markdown(render_trace(trace)))
+    if not trace.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("why")
+def audit_why(
+    item_id: Annotated[str, typer.Argument(help="an item id (or a unique prefix, >= 8 hex)")],
+    run_dirs: Annotated[list[Path], typer.Option("--run-dir", help="run directory to search "
+                                                 "(repeatable)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """For an item: the stage that stopped it, the reason and the numbers against the
+    thresholds (or that it was kept everywhere), and where it came from."""
+    import json
+
+    from rich.markdown import Markdown
+
+    from weft.pipelines.audit.trace import render_why, why
+
+    try:
+        verdicts = why(item_id, run_dirs)
+    except (LookupError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps([v.to_dict() for v in verdicts], indent=2, default=str))
+    else:
+        console.print(Markdown(render_why(verdicts)))
 
 
 @policy_app.command("apply")

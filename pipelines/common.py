@@ -179,18 +179,19 @@ def ingest(files: list[Path], ctx: RunContext) -> tuple[list[dict[str, Any]], li
         except OSError as exc:
             entry = LedgerEntry(item_id=hash_of("unreadable", str(path)), item_kind="source",
                                 decision="error", reason="unreadable_file",
-                                details={"path": str(path)}, error_type=type(exc).__name__,
-                                error_message=str(exc))
+                                details={"path": str(path.resolve())},
+                                error_type=type(exc).__name__, error_message=str(exc))
         else:
             size = path.stat().st_size
-            details = {"path": str(path), "size_bytes": size}
+            # absolute, so an auditor finds the bytes from any working directory
+            details = {"path": str(path.resolve()), "size_bytes": size}
             if digest in seen:
                 entry = LedgerEntry(item_id=digest, item_kind="source", source_id=digest,
                                     decision="drop", reason="exact_duplicate",
                                     scores={"exact_duplicate": 1.0},
                                     details={**details, "duplicate_of": seen[digest]})
             else:
-                seen[digest] = str(path)
+                seen[digest] = str(path.resolve())
                 entry = LedgerEntry(item_id=digest, item_kind="source", source_id=digest,
                                     decision="keep", reason="ok",
                                     scores={"exact_duplicate": 0.0}, details=details)

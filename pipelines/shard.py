@@ -6,8 +6,9 @@ optional `dataset`, `run_id`, `run_dir`, which go to the manifest only)
 `random.Random(seed)`, and writes `{prefix}-{index:06d}.tar` files with fixed tar
 metadata, so the same samples and seed give byte-identical shards. A shard rolls over
 before a sample would take its file (tar padding included) past `max_shard_bytes` (a
-sample larger than the limit gets a shard of its own). Next to the shards: `index.json` (a wids shard index, with
-each shard's size and sha256) and `manifest.parquet` (one row per sample).
+sample larger than the limit gets a shard of its own). Next to the shards: `index.json`
+(a wids shard index, with each shard's size and sha256) and `manifest.parquet` (one row
+per sample).
 
 `verify_shards` reads a shard set back in full and reports every problem it finds;
 it never raises for a damaged shard set.

@@ -121,11 +121,10 @@ def _redecide(row: dict[str, Any], old: Policy, new: Policy) -> dict[str, Any]:
     out = dict(row)
     out["policy_hash"] = new.policy_hash
     stage = row["stage"]
-    if stage not in new.rules and stage not in old.rules:
-        return out
+    if row["decision"] == "error" or (stage not in new.rules and stage not in old.rules):
+        return out  # an error row records no thresholds: the stage never decided
     out["thresholds"] = stable_json(new.thresholds(stage))
-    if row["decision"] == "error" or (row["decision"] == "drop"
-                                      and not _is_threshold_drop(row, old)):
+    if row["decision"] == "drop" and not _is_threshold_drop(row, old):
         return out
     try:
         decision, reason = new.decide(stage, json.loads(row["scores"]))

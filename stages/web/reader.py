@@ -221,7 +221,8 @@ class ReadRecordsStage(Stage):
             child["source_id"] = rec["source_id"] or file_id
             n_text = sum(1 for i in rec["items"] if i["type"] == "text")
             scores = {"n_text_items": n_text, "n_images": len(rec["items"]) - n_text}
-            override, item_id, details = None, rec["doc_id"], {"index": index}
+            override, item_id = None, rec["doc_id"]
+            details = {"index": index, "url": rec["url"]}  # where the record says it came from
             if rec["doc_id"] in seen:  # a second copy gets its own id and is dropped, visibly
                 override = ("drop", "duplicate_doc_id")
                 item_id = child["item_id"] = hash_of("web_record", file_id, index, length=64)
