@@ -444,6 +444,23 @@ def audit_trace(
         raise typer.Exit(1)
 
 
+@audit_app.command("report")
+def audit_report(
+    run_dir: Annotated[Path, typer.Argument(help="a curation run directory")],
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file (default "
+                                             "RUN_DIR/summary/report.html)")] = None,
+) -> None:
+    """One static HTML report: funnel, reasons, score histograms with thresholds, sample
+    thumbnails, models, prompts, config, policy and run time per stage."""
+    from weft.pipelines.audit.report import write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    console.print(f"report: {path} (open it in a browser; no server, no external assets)")
+
+
 @audit_app.command("why")
 def audit_why(
     item_id: Annotated[str, typer.Argument(help="an item id (or a unique prefix, >= 8 hex)")],

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import TaskRunContext
 
 from weft.pipelines import common, mixture, video, web
@@ -142,14 +142,23 @@ def run_global(started: StartedRun, global_task: Any, output: Path) -> dict[str,
 
 
 def finish_run(started: StartedRun, key: str, title: str) -> list[FunnelRow]:
-    """Check the ledger invariant, write the funnel and publish it as a Prefect artifact."""
+    """Check the ledger invariant, write the funnel and the HTML audit report, and
+    publish both as Prefect artifacts (the report as a link to its file)."""
+    from weft.pipelines.audit.report import write_report
+
     rows = check_invariant(read_ledger(started.run.ledger_dir), started.plan,
                            n_inputs=started.n_files)
     table = funnel_markdown(rows)
     started.run.summary_dir.mkdir(parents=True, exist_ok=True)
     (started.run.summary_dir / "funnel.md").write_text(table + "\n")
-    create_markdown_artifact(key=key, markdown=f"# {title}\n\n{table}\n",
+    report = write_report(started.run.root)
+    create_markdown_artifact(key=key, markdown=f"# {title}\n\n{table}\n\n"
+                             f"Audit report: {report.as_uri()}\n",
                              description=f"run {started.run_id} in {started.run.root}")
+    create_link_artifact(key=f"{key}-report", link=report.as_uri(),
+                         link_text=f"audit report of run {started.run_id}",
+                         description="static HTML: funnel, reasons, score histograms, "
+                                     "samples, models, prompts, config, policy")
     return rows
 
 
@@ -281,8 +290,12 @@ def policy_flow(run_dir: str, policy_path: str, out_dir: str | None = None,
                 shards_dir: str | None = None) -> dict[str, Any]:
     """Re-decide a finished run under a new policy from its stored scores, then shard it."""
     from weft.pipelines.audit.policy_apply import apply_policy
+    from weft.pipelines.audit.report import write_report
 
     result = apply_policy(run_dir, policy_path, out_dir).as_dict()
+    report = write_report(Path(result["run_dir"]))
+    create_link_artifact(key="policy-apply-report", link=report.as_uri(),
+                         link_text="audit report of the re-decided run")
     table = policy_markdown(result["stages"])
     create_markdown_artifact(key="policy-apply", markdown=f"# Policy applied\n\n{table}\n\n"
                              f"model calls: {result['model_calls']}\n",

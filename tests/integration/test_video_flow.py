@@ -49,6 +49,8 @@ def test_every_input_is_accounted_for_and_invariant_holds(video_run) -> None:
     for r in funnel:
         assert r.items_in == r.kept + r.dropped + r.errored
     assert (run.summary_dir / "funnel.md").read_text().count("|") > 20
+    report = (run.summary_dir / "report.html").read_text()
+    assert 'id="funnel"' in report and run.manifest()["run_id"] in report
 
 
 def _names(rows: list[dict[str, Any]]) -> dict[str, str]:
