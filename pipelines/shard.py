@@ -444,7 +444,3 @@ __all__ = [
     "ShardSetSummary", "VerifyReport",
     "record_bytes", "safe_shard_name", "verify_shards", "write_shards",
 ]
-
-
-# re-exported while callers move to weft.pipelines.shard_samples
-from weft.pipelines.shard_samples import samples_from_captions, samples_from_docs  # noqa: E402,F401

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from weft.pipelines.audit.trace import render_trace, render_why, trace_key, why
-from weft.pipelines.shard import samples_from_captions, samples_from_docs, write_shards
+from weft.pipelines.shard import write_shards
+from weft.pipelines.shard_samples import samples_from_captions, samples_from_docs
 from weft.schemas.ids import sha256_file
 from weft.schemas.ledger import read_ledger
 

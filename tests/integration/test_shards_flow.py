@@ -52,8 +52,8 @@ def test_every_output_row_is_accounted_for_in_the_shard_ledger(mixture_out) -> N
                 if s is None or s < mixture_out["cut"])
     assert counts.get("drop:quality_score_below_min", 0) + \
         counts.get("drop:quality_score_missing", 0) == below
-    manifest_rows = duckdb.sql(
-        f"select count(*) from read_parquet('{out}/*/manifest.parquet')").fetchone()[0]
+    [(manifest_rows,)] = duckdb.sql(
+        f"select count(*) from read_parquet('{out}/*/manifest.parquet')").fetchall()
     assert manifest_rows == counts.get("keep:ok", 0)
 
 
