@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import weft
+from weft.schemas.config_doc import deep_merge
 from weft.schemas.ids import hash_of, sha256_file
 from weft.schemas.ledger import LedgerEntry, StagePlan, write_ledger
 from weft.schemas.policy import Policy
@@ -45,16 +46,6 @@ class DiscoverConfig(BaseModel):
     suffixes: list[str] | None = Field(
         None, description="only files whose names end with one of these are inputs (other "
                           "files, e.g. a page's images, are not); null = every file")
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 class InferenceConfig(BaseModel):

@@ -36,3 +36,14 @@ def render_defaults(model: BaseModel, header: str) -> str:
     """YAML text of `model` with a header comment and one comment per described field."""
     head = [f"# {line}".rstrip() for line in header.strip().splitlines()]
     return "\n".join([*head, *_render(model, model.model_dump(mode="json"), 0)]) + "\n"
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, mappings merged key by key (a partial YAML over defaults)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
