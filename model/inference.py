@@ -262,11 +262,11 @@ class Interleaver:
         """One guided velocity per context at t, concatenated [B * n, token_dim]."""
         model = self.model
         names = TRACKS if guidance.active(t) else ("full",)
-        t_embed = model.time_embed(torch.tensor([t], device=self.device))
-        dtype = model.backbone.embed_tokens.weight.dtype
+        t_now = torch.tensor([t], device=self.device)
         jobs, owners = [], []
         for i, ctx in enumerate(self.contexts):
-            hidden = (model.latent.embed(x_t[i], [grid]) + t_embed).to(dtype)
+            one_image = torch.zeros(len(x_t[i]), dtype=torch.long, device=self.device)
+            hidden = model.embed_latents(x_t[i], [grid], t_now, one_image)
             for cache in ctx.distinct(names):
                 chunk = cache.image_chunk([(TokenKind.VAE_NOISED, len(x_t[i]))])
                 jobs.append(Job(cache, chunk, hidden))
@@ -345,14 +345,15 @@ class Interleaver:
                                  f"codec stride {stride}")
         if latents is None:
             latents = self.codec.encode(images)
-        dtype = model.backbone.embed_tokens.weight.dtype
+        dtype = model.dtype
         vit = self._vit_hidden(images)
-        clean = model.time_embed(torch.zeros(1, device=self.device))
+        clean = torch.zeros(1, device=self.device)  # a condition image is clean: t = 0
         items = []
         for i, latent in enumerate(latents):
             tokens = self.codec.patchify(latent.to(self.device, torch.float32))
             grid = (latent.shape[1] // self.codec.patch, latent.shape[2] // self.codec.patch)
-            hidden = (model.latent.embed(tokens, [grid]) + clean).to(dtype)
+            one_image = torch.zeros(len(tokens), dtype=torch.long, device=self.device)
+            hidden = model.embed_latents(tokens, [grid], clean, one_image)
             parts: tuple[tuple[TokenKind, int], ...] = ((TokenKind.VAE_CLEAN, len(tokens)),)
             if vit is not None:
                 hidden = torch.cat([vit[i].to(dtype), hidden])
@@ -372,9 +373,7 @@ class Interleaver:
                                         max_side=model.config.vit_max_grid)
             patches.append(p)
             grids.append(grid)
-        vision_dtype = next(model.vision.parameters()).dtype
-        features = model.vision(torch.cat(patches).to(self.device, vision_dtype), grids)
-        out = model.connector(features.to(model.backbone.embed_tokens.weight.dtype), grids)
+        out = model.embed_vit(torch.cat(patches), grids)
         return list(out.split([r * c for r, c in grids]))
 
     def _ids(self, text: str | Sequence[int]) -> list[int]:

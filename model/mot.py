@@ -156,19 +156,37 @@ class MoTModel(nn.Module):
         return FlowInputs(torch.cat(tokens) if tokens else empty,
                           torch.cat(targets) if targets else empty, t)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.embed_tokens.weight.dtype
+
+    def embed_vit(self, pixels: torch.Tensor, grids: torch.Tensor | list[tuple[int, int]]
+                  ) -> torch.Tensor:
+        """ViT patches [n, 3*p*p] of images with `grids` -> LLM inputs [n, hidden]."""
+        if self.vision is None or self.connector is None:
+            raise PackError("ViT tokens given but the model has no vision encoder")
+        vision_dtype = next(self.vision.parameters()).dtype
+        features = self.vision(pixels.to(self.latent.proj_in.weight.device, vision_dtype),
+                               grids)
+        return self.connector(features.to(self.dtype), grids).to(self.dtype)
+
+    def embed_latents(self, tokens: torch.Tensor, grids: torch.Tensor | list[tuple[int, int]],
+                      timesteps: torch.Tensor, token_image: torch.Tensor) -> torch.Tensor:
+        """Latent tokens [n, token_dim] -> LLM inputs [n, hidden], plus the timestep
+        embedding of the image each token belongs to (`token_image` [n] into `timesteps`)."""
+        latent = self.latent.embed(tokens, grids)
+        return (latent + self.time_embed(timesteps)[token_image]).to(self.dtype)
+
     def embed(self, batch: PackedBatch, flow: FlowInputs) -> torch.Tensor:
         """The [L, hidden] input sequence: text, ViT and latent tokens at their positions."""
         hidden = self.backbone.embed_text(batch.input_ids)
         if len(batch.vit_index):
-            if self.vision is None or self.connector is None:
-                raise PackError("the batch has ViT tokens but the model has no vision encoder")
-            features = self.vision(batch.vit_pixels.to(hidden.device), batch.vit_grids)
-            vit = self.connector(features.to(hidden.dtype), batch.vit_grids)
-            hidden = hidden.index_copy(0, batch.vit_index, vit.to(hidden.dtype))
+            vit = self.embed_vit(batch.vit_pixels, batch.vit_grids)
+            hidden = hidden.index_copy(0, batch.vit_index, vit)
         if len(batch.vae_index):
-            latent = self.latent.embed(flow.tokens, batch.vae_grids)
-            latent = latent + self.time_embed(flow.timesteps)[batch.vae_token_image]
-            hidden = hidden.index_copy(0, batch.vae_index, latent.to(hidden.dtype))
+            latent = self.embed_latents(flow.tokens, batch.vae_grids, flow.timesteps,
+                                        batch.vae_token_image)
+            hidden = hidden.index_copy(0, batch.vae_index, latent)
         return hidden
 
     # ---- training forward ------------------------------------------------------------------
