@@ -4,7 +4,7 @@ An `Interleaver` holds B independent contexts over one MoTModel and LatentCodec;
 method takes and returns lists with one entry per context.
 
     append_text / append_image   prefill into the KV cache (text causal; an image as
-                                 ViT tokens then clean VAE latents, one RoPE position,
+                                 clean VAE latents then ViT tokens, one RoPE position,
                                  full attention inside, visible to all that follows)
     decode_text                  KV-cached autoregressive decoding (greedy or sampled)
     generate_latents             Euler sampling of noised latents against the cache, with
@@ -172,9 +172,9 @@ class Interleaver:
     @torch.no_grad()
     def append_image(self, images: Sequence[torch.Tensor], condition: bool = True
                      ) -> list[torch.Tensor]:
-        """Prefill one image per context: ViT tokens (if the model has vision), then its
-        clean VAE latents, at one RoPE position. Returns the final hidden states of the
-        new tokens [n_vit + n_latent, hidden] per context."""
+        """Prefill one image per context: its clean VAE latents, then its ViT tokens (if the
+        model has vision), at one RoPE position (the order the trainer's plans use).
+        Returns the final hidden states of the new tokens [n_latent + n_vit, hidden]."""
         self._check_batch(images)
         return self._append_images(images, None, condition)
 
@@ -355,9 +355,9 @@ class Interleaver:
             one_image = torch.zeros(len(tokens), dtype=torch.long, device=self.device)
             hidden = model.embed_latents(tokens, [grid], clean, one_image)
             parts: tuple[tuple[TokenKind, int], ...] = ((TokenKind.VAE_CLEAN, len(tokens)),)
-            if vit is not None:
-                hidden = torch.cat([vit[i].to(dtype), hidden])
-                parts = ((TokenKind.VIT, len(vit[i])), *parts)
+            if vit is not None:  # clean latents, then ViT: the order the trainer's plans use
+                hidden = torch.cat([hidden, vit[i].to(dtype)])
+                parts = (*parts, (TokenKind.VIT, len(vit[i])))
             items.append(_Item(hidden, parts))
         return self._append(items, "image" if condition else None)
 

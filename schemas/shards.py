@@ -4,7 +4,15 @@ A sample is a group of WebDataset tar members that share one key:
 
     {key}.json        the sample record (UTF-8 JSON, sorted keys, no whitespace):
         key             str   the sample key (below)
-        kind            str   "video_clip" | "web_doc"
+        kind            str   one of KINDS (what the trainer's sequence plan makes of it):
+                                video_clip       frame, caption, frame, caption, frame ...
+                                web_doc          title / text / caption, images between
+                                text_to_image    prompt, image
+                                image_edit       image (source), instruction, image (target)
+                                vqa              image(s), then question / answer turns
+                                reasoning_t2i    prompt, reasoning, image
+                                reasoning_edit   image (source), instruction, reasoning,
+                                                 image (target)
         source_id       str   the source the sample came from
         parent_ids      list  ids of what the sample was derived from
         ledger_item_id  str   the item id the ledger recorded decisions under
@@ -19,6 +27,19 @@ A sample is a group of WebDataset tar members that share one key:
         licence         str?  the source's licence when known
     {key}.{n}.{ext}   one image per image / video-frame item, n = 0, 1, ... in sequence
                       order, ext one of jpg, png, webp
+
+Text roles (TEXT_ROLES) say what a text item is for; the trainer's plan decides loss and
+condition dropout from them:
+    prompt       what to generate (a condition: dropped for classifier-free guidance)
+    instruction  what to change in the source image (a condition, dropped alike)
+    reasoning    the model's own thinking before it generates (trained on)
+    question     asked about the image(s) (context, no loss)
+    answer       the reply to the question before it (trained on)
+    caption      describes what comes next (a video transition, or the image after it)
+    title        a document's title
+    text         body text of a document
+The record validator checks that a role is a string; `weft.train.plans` refuses a role
+outside TEXT_ROLES, or one its kind does not use.
 
 Keys are content-addressed lowercase hex (16 to 64 digits): dot-free, so WebDataset
 splits `{key}.0.jpg` into key and suffix `0.jpg`. Member names never hold a path
@@ -39,7 +60,10 @@ from typing import Any
 import pyarrow as pa
 
 SHARD_FORMAT_VERSION = 1
-KINDS = ("video_clip", "web_doc")
+KINDS = ("video_clip", "web_doc", "text_to_image", "image_edit", "vqa", "reasoning_t2i",
+         "reasoning_edit")
+TEXT_ROLES = ("prompt", "instruction", "reasoning", "question", "answer", "caption",
+              "title", "text")
 IMAGE_EXTS = ("jpg", "png", "webp")
 SEQUENCE_TYPES = ("text", "image", "video_frame")
 INDEX_KIND = "wids-shard-index-v1"

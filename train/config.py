@@ -47,6 +47,8 @@ class ImageConfig(_Strict):
                                                         "(native aspect ratio, NaViT)")
     vae_max_side: int = Field(512, gt=0, description="longer side of a VAE image at most")
     vae_min_side: int = Field(64, gt=0, description="shorter side at least (upscaled)")
+    max_pixels: int = Field(64_000_000, gt=0, description="refuse larger images before "
+                                                          "decoding (decompression bombs)")
 
 
 class PackConfig(_Strict):
@@ -109,6 +111,8 @@ class OptimConfig(_Strict):
     schedule: Literal["constant", "cosine"] = Field("constant")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, as a fraction "
                                                              "of lr")
+    decay_steps: int | None = Field(None, gt=0, description="step where the cosine reaches "
+                                    "its floor; null = the run's steps")
 
 
 class LossConfig(_Strict):
@@ -141,6 +145,13 @@ class ParallelConfig(_Strict):
     activation_checkpointing: bool = Field(False, description="recompute each decoder block "
                                                               "in backward")
     compile: bool = Field(False, description="torch.compile each decoder block")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: this rank's "
+                                                   "GPU (LOCAL_RANK) when CUDA is there, "
+                                                   "else CPU")
+    reshard_after_forward: bool = Field(True, description="FSDP2: free each block's "
+                                        "gathered weights after forward (ZeRO-3); false "
+                                        "keeps them until backward (ZeRO-2, more memory, "
+                                        "less communication)")
 
 
 class TrainConfig(_Strict):

@@ -71,8 +71,8 @@ def _full_forward(tiny, items: list, latents: list[torch.Tensor] | None = None
             builder.add_text(item)
         else:
             patches, grid = prepare_vit_image((item + 1) / 2, 16, VIT_PATCHES, max_side=16)
-            builder.add_vit_image(patches, grid)
-            builder.add_vae_image(item, noised=False, same_position_as_previous_image=True)
+            builder.add_vae_image(item, noised=False)
+            builder.add_vit_image(patches, grid, same_position_as_previous_image=True)
     batch = builder.build()
     with torch.no_grad():
         latents = latents if latents is not None else codec.encode(batch.vae_images)
@@ -198,8 +198,8 @@ def test_generate_image_size_determinism_and_write_back(tiny) -> None:
     assert inter.lengths("uncond") == [0]
     full = inter.contexts[0].tracks["full"]
     assert full.positions[4:].unique().tolist() == [4]  # one position for the image
-    assert full.kind[4:].tolist() == [TokenKind.VIT] * (rows * cols) + \
-        [TokenKind.VAE_CLEAN] * (grown - rows * cols)
+    assert full.kind[4:].tolist() == [TokenKind.VAE_CLEAN] * (grown - rows * cols) + \
+        [TokenKind.VIT] * (rows * cols)  # clean latents, then ViT: the trainer's order
 
 
 def test_guided_velocity_combines_the_three_contexts(tiny) -> None:
@@ -290,7 +290,7 @@ def test_think_returns_text_then_an_image(tiny) -> None:
                                      steps=2, generator=torch.Generator().manual_seed(0))
     assert len(thought) == 3 and image.shape == (3, 32, 32)
     kinds = inter.contexts[0].tracks["full"].kind.tolist()
-    assert kinds[:6] == [TokenKind.TEXT] * 6 and kinds[-1] == TokenKind.VAE_CLEAN
+    assert kinds[:6] == [TokenKind.TEXT] * 6 and kinds[-1] == TokenKind.VIT
     assert inter.lengths("uncond") == [0]  # prompt and reasoning are text conditions
 
 
