@@ -1,0 +1,436 @@
+"""The training loop: packed batches in, a trained MoT model, checkpoints and metrics out.
+
+One step on every rank:
+
+    batch.to(device) → latents = codec.encode(batch.vae_images)  (frozen VAE, no grad)
+    → model(batch, latents, generator=noise(seed, step, rank))
+                                  → ce_sum, ce_tokens, mse_sum, mse_tokens of this rank
+    → all-reduce the four numbers                                (global token counts)
+    → loss = W · (ce_weight · ce_sum / CE_global + mse_weight · mse_sum / MSE_global)
+    → backward → clip (global norm) → AdamW step → lr step → EMA update
+    → metrics (every N) → checkpoint (every N, and at the end) → export (at the end)
+
+Why `W ·` (W = world size): FSDP2 averages gradients over ranks, so the applied gradient
+is (1/W) Σ_r ∇loss_r = ∇(ce_weight · Σ_r ce_sum_r / CE_global + ...), the gradient of the
+global per-token mean, whatever the split of tokens over ranks. A pack with few labelled
+tokens therefore weighs what its tokens weigh, not as much as a full pack.
+
+Every trainable parameter gets a gradient every step (zero where a rank's pack did not
+use it: no ViT tokens, no labels), with or without FSDP, so AdamW sees the same thing
+whatever the world size (FSDP2: `set_reduce_scatter_unused_params`).
+
+Exact resume: model init is seeded, the noise generator is seeded per (seed, step,
+rank), the data source restores its position, and model, optimizer, lr schedule, EMA
+and RNG states come back from the checkpoint. N steps straight and k steps + resume
+to N give the same losses at every step and the same weights.
+
+The data comes from a `DataSource`: any iterable of PackedBatch with `state_dict()` /
+`load_state_dict()`; by default the shard loader of `config.data` (`ShardSource`:
+`weft.train.data`'s DataLoader and DataStateTracker), or a test source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from weft.model.attention_backends import describe_backend
+from weft.model.mot import LossOutput, MoTModel
+from weft.model.packed import PackedBatch
+from weft.train.checkpoint import Checkpointer, export_safetensors, latest_checkpoint
+from weft.train.config import LossConfig, OptimConfig, TrainConfig, TrainConfigError
+from weft.train.ema import EMA
+from weft.train.metrics import MetricsLogger
+from weft.train.parallel import (
+    DistInfo,
+    apply_parallelism,
+    autocast,
+    barrier,
+    clip_grad_norm,
+    describe,
+    destroy_distributed,
+    init_distributed,
+    plan_parallelism,
+)
+from weft.train.schedule import build_scheduler
+
+log = logging.getLogger("weft.train")
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """Packed batches for this rank, with a resumable position.
+
+    `load_state_dict` gets this rank's saved state, or, when the world size changed
+    since the checkpoint, the list of every saved rank's state (the shard loader deals
+    the unread shards out again; a source that cannot should raise).
+    """
+
+    def __iter__(self) -> Iterator[PackedBatch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class LatentEncoder(Protocol):
+    """What the loop needs of the frozen VAE (`model/vae.py` LatentCodec)."""
+
+    def encode(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
+
+
+class ShardSource:
+    """The shard loader (`weft.train.data`) as a DataSource.
+
+    Its DataLoader yields DataPacks (a batch plus the state of the reader that made it);
+    this yields the batches and hands every pack to a DataStateTracker, whose state is
+    what checkpoints save. Packs prefetched but not consumed are made again on resume.
+    """
+
+    def __init__(self, loader: Any) -> None:
+        from weft.train.data import DataStateTracker
+
+        self.loader = loader
+        self.tracker = DataStateTracker(loader)
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        for pack in self.loader:
+            yield self.tracker.observe(pack).batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        self.tracker.load_state_dict(state)
+
+
+@dataclass
+class StepLosses:
+    """One optimizer step's global numbers (identical on every rank)."""
+
+    step: int  # the step count after this step (1 for the first)
+    loss: float
+    ce: float
+    mse: float
+    ce_tokens: int
+    mse_tokens: int
+    grad_norm: float
+    lr: float
+
+
+@dataclass
+class TrainResult:
+    """What a run (or one invocation of a resumed run) did."""
+
+    step: int
+    start_step: int
+    run_dir: Path
+    history: list[StepLosses] = field(default_factory=list)
+    checkpoint: Path | None = None
+    export_dir: Path | None = None
+
+    @property
+    def last(self) -> StepLosses | None:
+        return self.history[-1] if self.history else None
+
+
+# ---- pieces the loop (and tests) use ------------------------------------------------------
+
+def noise_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed for (run seed, step, rank): flow noise and timesteps of that step."""
+    digest = hashlib.sha256(f"weft-noise:{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def noise_generator(seed: int, step: int, rank: int,
+                    device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(noise_seed(seed, step, rank))
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (no decay on norm gains and biases)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": params, "weight_decay": wd}
+              for params, wd in ((decay, config.weight_decay), (no_decay, 0.0)) if params]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+
+
+def global_loss(out: LossOutput, weights: LossConfig, info: DistInfo
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss to backpropagate on this rank, and the step's global sums and counts.
+
+    loss_r = W · (ce_w · ce_sum_r / CE + mse_w · mse_sum_r / MSE) with CE, MSE the token
+    counts over all ranks: FSDP2's gradient average over W ranks turns Σ_r into the
+    global per-token mean (module doc).
+    """
+    device = out.ce_sum.device
+    stats = torch.stack([out.ce_sum.detach().double(),
+                         torch.tensor(float(out.ce_tokens), dtype=torch.float64, device=device),
+                         out.mse_sum.detach().double(),
+                         torch.tensor(float(out.mse_tokens), dtype=torch.float64,
+                                      device=device)])
+    if info.initialized and info.world_size > 1:
+        dist.all_reduce(stats)
+    ce_sum, ce_tokens, mse_sum, mse_tokens = stats.tolist()
+    ce_n, mse_n = max(ce_tokens, 1.0), max(mse_tokens, 1.0)
+    loss = info.world_size * (weights.ce_weight * out.ce_sum / ce_n +
+                              weights.mse_weight * out.mse_sum / mse_n)
+    return loss, {"ce_sum": ce_sum, "ce_tokens": ce_tokens, "mse_sum": mse_sum,
+                  "mse_tokens": mse_tokens, "ce": ce_sum / ce_n, "mse": mse_sum / mse_n,
+                  "loss": weights.ce_weight * ce_sum / ce_n + weights.mse_weight * mse_sum /
+                  mse_n}
+
+
+def default_data_source(config: TrainConfig, info: DistInfo) -> DataSource:
+    """This rank's shard loader over `config.data`; the tokenizer is `data.tokenizer`, else
+    the one in `model.llm_checkpoint` (local directories)."""
+    try:
+        from weft.train.data import build_dataloader
+    except ImportError as exc:
+        raise TrainConfigError(f"the shard loader (weft.train.data) is not available: "
+                               f"{exc}") from exc
+    tokenizer = config.data.tokenizer or config.model.llm_checkpoint
+    if tokenizer is None:
+        raise TrainConfigError("data.tokenizer or model.llm_checkpoint must name a local "
+                               "tokenizer directory")
+    loader = build_dataloader(config.data, tokenizer, config.model.unified, info.rank,
+                              info.world_size)
+    return ShardSource(loader)
+
+
+def build_codec(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Any:
+    """The frozen VAE from `model.vae_path` on this rank's device, or None without one."""
+    if config.model.vae_path is None:
+        return None
+    from weft.model.vae import LatentCodec
+
+    return LatentCodec.from_pretrained(config.model.vae_path, dtype=dtype, device=info.device)
+
+
+# ---- the trainer --------------------------------------------------------------------------
+
+class Trainer:
+    """Builds everything for a run (resuming when there is a checkpoint); `train()` runs it.
+
+    data: this rank's DataSource (default: `data_factory(config, info)`, which defaults
+    to the shard loader). codec: the frozen VAE (default: from `model.vae_path`).
+    """
+
+    def __init__(self, config: TrainConfig, data: DataSource | None = None, *,
+                 codec: LatentEncoder | None = None,
+                 data_factory: Callable[[TrainConfig, DistInfo], DataSource] | None = None
+                 ) -> None:
+        self.config = config
+        self.info = init_distributed(config.parallel.device,
+                                     need_group=config.parallel.fsdp == "on")
+        self.plan = plan_parallelism(config.parallel, self.info)
+        self.run_dir = Path(config.run_dir)
+        self._check_run_dir()
+
+        torch.manual_seed(config.seed)
+        model = MoTModel.build(config.model.unified, config.model.llm_checkpoint)
+        if config.model.freeze_vit and model.vision is not None:
+            model.vision.requires_grad_(False)
+        self.model = apply_parallelism(model, self.plan, self.info)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
+        self.ema = EMA(self.model, config.model.ema_decay)
+
+        codec_dtype = self.plan.param_dtype if self.info.device.type == "cuda" else \
+            torch.float32
+        self.codec = codec if codec is not None else build_codec(config, self.info,
+                                                                 codec_dtype)
+        self.data = data if data is not None else \
+            (data_factory or default_data_source)(config, self.info)
+        self.checkpointer = Checkpointer(self.run_dir, config.checkpoint, self.info)
+        self.metrics = MetricsLogger(self.run_dir, config.metrics, config.model.unified.llm,
+                                     self.info, (config.loss.ce_weight,
+                                                 config.loss.mse_weight), config.steps)
+        self.step = 0
+        self.start_step = 0
+        self.resumed_from: Path | None = None
+        self._iterator: Iterator[PackedBatch] | None = None
+        self._resume()
+        if self.info.is_main:
+            attention = describe_backend(config.model.unified.llm.attention_backend,
+                                         self.info.device)
+            log.info("%s", describe(self.plan, self.info, attention))
+            log.info("%s", self.metrics.describe())
+            log.info("run %s: steps %d..%d%s", self.run_dir, self.step, config.steps,
+                     f" (resumed from {self.resumed_from})" if self.resumed_from else "")
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def _check_run_dir(self) -> None:
+        """Refuse to resume a run of another model, or to start afresh over checkpoints;
+        record this run's config."""
+        path = self.run_dir / "config.json"
+        current = self.config.model_dump(mode="json")
+        existing = latest_checkpoint(self.run_dir)
+        if existing is not None and self.config.checkpoint.resume == "never":
+            raise TrainConfigError(
+                f"{self.run_dir} already holds checkpoints (latest {existing.name}) and "
+                "checkpoint.resume is 'never': a fresh run would mix its steps with them; "
+                "use another run_dir, or resume: auto")
+        if path.is_file() and self.config.checkpoint.resume == "auto":
+            previous = json.loads(path.read_text())
+            if previous.get("model") != current["model"]:
+                raise TrainConfigError(
+                    f"{self.run_dir} holds checkpoints of a different model (the 'model' "
+                    f"section of {path} differs from this config): use another run_dir, "
+                    "or set checkpoint.resume: never to start over")
+            if previous.get("data") != current["data"]:
+                log.warning("the data section changed since %s was written; the data "
+                            "position is restored as saved", path)
+        barrier(self.info)
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(current, indent=1))
+        barrier(self.info)
+
+    def _resume(self) -> None:
+        if self.config.checkpoint.resume != "auto":
+            return
+        latest = latest_checkpoint(self.run_dir)
+        if latest is None:
+            return
+        restored = self.checkpointer.load(latest, self.model, self.optimizer, self.scheduler,
+                                          self.ema)
+        self.step = self.start_step = restored.step
+        self.resumed_from = latest
+        if restored.data_state is not None:
+            self.data.load_state_dict(restored.data_state)
+
+    # ---- one step --------------------------------------------------------------------------
+    def _next_batch(self) -> PackedBatch:
+        if self._iterator is None:
+            self._iterator = iter(self.data)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            log.info("data: end of an epoch at step %d, starting the next", self.step)
+            self._iterator = iter(self.data)
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                raise RuntimeError("the data source yields no batches") from None
+
+    def _encode(self, batch: PackedBatch) -> list[torch.Tensor]:
+        if not batch.vae_images:
+            return []
+        if self.codec is None:
+            raise TrainConfigError("the data has VAE images but model.vae_path is not set: "
+                                   "point it at a local FLUX-style AutoencoderKL directory")
+        with torch.no_grad():
+            return self.codec.encode(batch.vae_images)
+
+    def train_step(self, batch: PackedBatch) -> StepLosses:
+        """Forward, backward, clip, optimizer, lr and EMA step on one packed batch."""
+        host_batch = batch  # token counts for metrics, without device syncs
+        batch = batch.to(self.info.device)
+        latents = self._encode(batch)
+        generator = noise_generator(self.config.seed, self.step, self.info.rank,
+                                    self.info.device)
+        with autocast(self.plan, self.info.device):
+            out = self.model(batch, latents, generator=generator)
+        loss, stats = global_loss(out, self.config.loss, self.info)
+        if not math.isfinite(stats["loss"]):
+            raise FloatingPointError(f"loss is {stats['loss']} at step {self.step + 1} (ce "
+                                     f"{stats['ce']}, mse {stats['mse']}); the last "
+                                     f"checkpoint is {latest_checkpoint(self.run_dir)}")
+        loss.backward()
+        if not self.plan.fsdp:  # FSDP2 fills these itself (reduce_scatter_unused_params)
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        grad_norm = float(clip_grad_norm(self.params, self.config.optim.grad_clip))
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        self.step += 1
+        self.metrics.record(host_batch, out.ce_tokens, stats, lr, grad_norm)
+        return StepLosses(self.step, stats["loss"], stats["ce"], stats["mse"],
+                          int(stats["ce_tokens"]), int(stats["mse_tokens"]), grad_norm, lr)
+
+    # ---- the run ---------------------------------------------------------------------------
+    def save(self) -> Path:
+        return self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler,
+                                      self.ema, self.data.state_dict())
+
+    def export(self) -> Path:
+        return export_safetensors(self.run_dir / "export", self.model,
+                                  self.config.model.unified, self.info, self.ema,
+                                  metadata={"step": self.step})
+
+    def train(self, stop_at: int | None = None) -> TrainResult:
+        """Run to `config.steps` (or stop after step `stop_at`, as if interrupted there).
+
+        Saves every `checkpoint.every_steps` and at the last step of this call; exports
+        safetensors when the run reaches `config.steps`.
+        """
+        end = self.config.steps if stop_at is None else min(stop_at, self.config.steps)
+        result = TrainResult(self.step, self.start_step, self.run_dir)
+        t0 = time.perf_counter()
+        saved_at = self.start_step if self.resumed_from is not None else None
+        while self.step < end:
+            result.history.append(self.train_step(self._next_batch()))
+            if self.metrics.should_log(self.step):
+                self.metrics.log(self.step)
+            if self.step % self.config.checkpoint.every_steps == 0:
+                result.checkpoint = self.save()
+                saved_at = self.step
+        if self.metrics.window.steps:  # stopped between two metric lines
+            self.metrics.log(self.step)
+        if saved_at != self.step:
+            result.checkpoint = self.save()
+        elif result.checkpoint is None:
+            result.checkpoint = latest_checkpoint(self.run_dir)
+        result.step = self.step
+        if self.step >= self.config.steps and self.config.checkpoint.export_safetensors and \
+                (result.history or not (self.run_dir / "export").is_dir()):
+            result.export_dir = self.export()
+        if self.info.is_main:
+            log.info("run %s: steps %d..%d in %.1fs; checkpoint %s%s", self.run_dir,
+                     result.start_step, self.step, time.perf_counter() - t0,
+                     result.checkpoint, f"; export {result.export_dir}"
+                     if result.export_dir else "")
+            (self.run_dir / "result.json").write_text(json.dumps(
+                {"step": self.step, "start_step": result.start_step,
+                 "last": asdict(result.last) if result.last else None,
+                 "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                 "export_dir": str(result.export_dir) if result.export_dir else None},
+                indent=1))
+        return result
+
+    def close(self) -> None:
+        self.metrics.close()
+        destroy_distributed(self.info)
+
+
+def run_training(config: TrainConfig, data: DataSource | None = None, *,
+                 codec: LatentEncoder | None = None, stop_at: int | None = None,
+                 data_factory: Callable[[TrainConfig, DistInfo], DataSource] | None = None
+                 ) -> TrainResult:
+    """Build, resume if possible, train to `config.steps` (or `stop_at`), save, export."""
+    trainer = Trainer(config, data, codec=codec, data_factory=data_factory)
+    try:
+        return trainer.train(stop_at=stop_at)
+    finally:
+        trainer.close()
