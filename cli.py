@@ -101,7 +101,7 @@ def demo(
     models_dir: Annotated[Path, typer.Option("--models-dir", help="where tiny models are "
                                              "built")] = Path("~/.cache/weft/models/tiny"),
 ) -> None:
-    """Fetch sample videos, build tiny models, run the demo flow to captions, write shards."""
+    """Fetch sample videos, build tiny models, curate, shard, train the tiny MoT, sample."""
     import yaml
 
     from weft.assets import fetch
@@ -135,9 +135,29 @@ def demo(
         "embed": {"model_dir": str(clip_dir)},
     }, sort_keys=False))
     video(input=inputs, run_dir=run_dir, config=config)
-    shards_write(out=run_dir.parent / f"{run_dir.name}-shards", mixture_file=None,
-                 run_dir=run_dir, name="video", seed=0, max_shard_bytes=1_000_000_000,
-                 verify=True)
+    shards = run_dir.parent / f"{run_dir.name}-shards"
+    shards_write(out=shards, mixture_file=None, run_dir=run_dir, name="video", seed=0,
+                 max_shard_bytes=1_000_000_000, verify=True)
+    _demo_train(models_dir, tiny["qwen2_5"], shards, run_dir)
+
+
+def _demo_train(models_dir: Path, llm_dir: Path, shards: Path, run_dir: Path) -> None:
+    """Train the tiny MoT on the demo shards, then sample an image and a caption."""
+    from weft.flows import train_flow
+    from weft.model.tiny_parts import make_tiny_siglip2, make_tiny_vae
+    from weft.train.recipes import tiny_recipe
+    from weft.train.sample import sample_run
+
+    train_dir = run_dir.parent / f"{run_dir.name}-train"
+    config = tiny_recipe(llm_dir, make_tiny_siglip2(models_dir / "siglip2"),
+                         make_tiny_vae(models_dir / "vae"), shards, train_dir)
+    result = train_flow(config=config.model_dump(mode="json"))
+    console.print(f"trained the tiny MoT to step {result['step']} in {train_dir} "
+                  f"(CE {result['last']['ce']:.3f}, MSE {result['last']['mse']:.3f})")
+    frame = sorted((run_dir / "keyframes").glob("*/0.jpg"))[0]
+    sample = sample_run(train_dir, "a frame of a video", frame, size=(64, 96), steps=10)
+    console.print(f"sampled image: {sample.image_path}; caption of {frame.name}: "
+                  f"{sample.caption!r} (a tiny random model: words, not sense)")
 
 
 @assets_app.command("fetch")
@@ -195,15 +215,17 @@ def make_tiny(out: Annotated[Path, typer.Option("--out")]) -> None:
 
 @config_app.command("defaults")
 def config_defaults(
-    pipeline: Annotated[str, typer.Argument(help="pipeline name: video | web")] = "video",
+    pipeline: Annotated[str, typer.Argument(help="config name: video | web | train")] = "video",
     write: Annotated[bool, typer.Option("--write", help="rewrite configs/<pipeline>.yaml")] = False,
 ) -> None:
-    """Print every default of a pipeline's config as commented YAML (or rewrite the file)."""
+    """Print every default of a config (video, web, train) as commented YAML (or rewrite it)."""
     from weft.pipelines import video as video_pipeline
     from weft.pipelines import web as web_pipeline
+    from weft.train import config as train_config
 
     renderers = {"video": (video_pipeline.default_config_yaml, video_pipeline.DEFAULT_CONFIG),
-                 "web": (web_pipeline.default_config_yaml, web_pipeline.DEFAULT_CONFIG)}
+                 "web": (web_pipeline.default_config_yaml, web_pipeline.DEFAULT_CONFIG),
+                 "train": (train_config.default_config_yaml, train_config.DEFAULT_CONFIG)}
     if pipeline not in renderers:
         _fail(f"unknown pipeline {pipeline!r}; known: {', '.join(renderers)}")
     render, path = renderers[pipeline]
@@ -325,6 +347,61 @@ def _llm_labels(text_list: list[str], llm: str, models: Path | None, cache_path:
                   f"{st.model_calls} model calls ({llm}@{revision}, {result.prompt_ref}); "
                   f"answers in {out / 'llm_labels.jsonl'}")
     return result.labels, result.data_source(what)
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Option("--config", help="training YAML over "
+                                                "configs/train.yaml")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override "
+                                                   "(dotted key, YAML value); repeatable")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", help="ranks on this node (torchrun)")] = 1,
+    ray_workers: Annotated[int, typer.Option("--ray-workers", help="run on a Ray cluster with "
+                                             "this many workers (Ray Train)")] = 0,
+    use_gpu: Annotated[bool, typer.Option("--gpu/--no-gpu", help="with --ray-workers")] = False,
+) -> None:
+    """Train the MoT model on shards (one process, torchrun ranks, or Ray Train workers)."""
+    from weft.train.__main__ import parse_overrides
+    from weft.train.config import TrainConfigError, load_train_config
+
+    overrides = parse_overrides(set_ or [])
+    try:
+        loaded = load_train_config(config, overrides)
+    except TrainConfigError as exc:
+        _fail(str(exc))
+    if ray_workers:
+        from weft.train.ray_launcher import launch_on_ray
+
+        if config is None:
+            _fail("--ray-workers needs --config (the workers read the file)")
+        result = launch_on_ray(str(config), ray_workers, use_gpu, overrides)
+    else:
+        from weft.flows import train_flow
+
+        result = train_flow(config=loaded.model_dump(mode="json"), nproc=nproc)
+    last = result.get("last") or {}
+    console.print(f"trained to step {result['step']}: CE {last.get('ce', float('nan')):.4f}, "
+                  f"MSE {last.get('mse', float('nan')):.4f}; export {result.get('export_dir')}")
+
+
+@app.command()
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="a training run directory (with export/)")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="generate an image")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="caption this image")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Euler steps")] = 20,
+    size: Annotated[tuple[int, int], typer.Option("--size", help="height width")] = (64, 64),
+) -> None:
+    """Sample from a trained run: an image for --prompt, a caption for --image."""
+    from weft.train.sample import sample_run
+
+    if prompt is None and image is None:
+        _fail("give --prompt, --image or both")
+    result = sample_run(run_dir, prompt, image, size=size, steps=steps)
+    if result.image_path:
+        console.print(f"image for {prompt!r}: {result.image_path} {result.image_size}")
+    if image is not None:
+        console.print(f"caption of {image}: {result.caption!r}")
 
 
 @shards_app.command("write")

@@ -305,3 +305,47 @@ def policy_flow(run_dir: str, policy_path: str, out_dir: str | None = None,
         config = mixture.single_run_mixture(result["run_dir"])
         shards = shards_flow(config=config.model_dump(mode="json"), out_dir=shards_dir)
     return {**result, "shards": shards}
+
+
+# ---------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------
+
+@task(name="train")
+def train_task(config: dict[str, Any], nproc: int = 1) -> dict[str, Any]:
+    """One training run: in this process, or under torchrun with `nproc` ranks."""
+    import json
+    import subprocess
+
+    import yaml
+
+    from weft.train.config import TrainConfig
+
+    loaded = TrainConfig.model_validate(config)
+    run_dir = Path(loaded.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if nproc > 1:
+        from weft.train.__main__ import torchrun_command
+
+        path = run_dir / "train-config.yaml"
+        path.write_text(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False))
+        subprocess.run(torchrun_command(str(path), nproc), check=True)
+    else:
+        from weft.train.loop import run_training
+
+        run_training(loaded)
+    return json.loads((run_dir / "result.json").read_text())
+
+
+@flow(name="train_flow", log_prints=True)
+def train_flow(config: dict[str, Any], nproc: int = 1) -> dict[str, Any]:
+    """Shards in, a trained and exported MoT out (checkpoints, TensorBoard, safetensors)."""
+    result = train_task(config, nproc)
+    last = result.get("last") or {}
+    create_markdown_artifact(
+        key="training", description=f"run {config.get('run_dir')}",
+        markdown=(f"# Training\n\n| step | loss | CE | MSE |\n|---:|---:|---:|---:|\n"
+                  f"| {result['step']} | {last.get('loss', float('nan')):.4f} "
+                  f"| {last.get('ce', float('nan')):.4f} | {last.get('mse', float('nan')):.4f} |"
+                  f"\n\nexport: {result.get('export_dir')}\n"))
+    return result

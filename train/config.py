@@ -187,3 +187,20 @@ def load_train_config(path: str | Path | None = None,
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise TrainConfigError(f"invalid training config{f' {path}' if path else ''}: "
                                f"{problems}") from exc
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train.yaml"
+CONFIG_HEADER = """\
+weft training: every default, written out. Generated from the pydantic models by
+`weft config defaults train --write`; a test checks it still matches.
+Pass a YAML with only the keys you change: `weft train --config my.yaml`, or
+`--set optim.lr=3e-4` on the command line. The model defaults are BAGEL's 7B
+shapes (Qwen2.5-7B, mot); configs/train-tiny.yaml is the CPU demo recipe.
+"""
+
+
+def default_config_yaml() -> str:
+    """configs/train.yaml as the models define it (every default, commented)."""
+    from weft.schemas.config_doc import render_defaults
+
+    return render_defaults(TrainConfig(), CONFIG_HEADER)

@@ -78,3 +78,16 @@ def test_web_plan_follows_the_config(tmp_path: Path) -> None:
     names = [p.name for p in web.plan(loaded)]
     assert names.index("quality_classifier") < names.index("image_load")
     assert names.index("structure") < names.index("llm_filter") < names.index("caption_first")
+
+
+def test_train_yaml_is_current_and_loads() -> None:
+    from weft.train.config import (
+        DEFAULT_CONFIG,
+        TrainConfig,
+        default_config_yaml,
+        load_train_config,
+    )
+
+    assert DEFAULT_CONFIG.read_text() == default_config_yaml(), (
+        "configs/train.yaml is stale: run `weft config defaults train --write`")
+    assert load_train_config(DEFAULT_CONFIG) == TrainConfig()
