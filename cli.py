@@ -12,6 +12,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+# Set before Prefect or Ray import (the `weft` script imports this module first): no
+# internet on curation machines, so Prefect's telemetry would only log errors.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="weft: curate multimodal training data and train a MoT model on it.")
 assets_app = typer.Typer(no_args_is_help=True, help="Fetch real sample media into the cache.")
@@ -620,9 +625,6 @@ def _policy_blocks(path: Path) -> set[str]:
 
 
 def main() -> None:  # pragma: no cover - console entry
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # no internet on curation machines: Prefect's telemetry would only log errors
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     app()
 
 
