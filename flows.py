@@ -331,8 +331,10 @@ def train_task(config: dict[str, Any], nproc: int = 1) -> dict[str, Any]:
         path.write_text(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False))
         subprocess.run(torchrun_command(str(path), nproc), check=True)
     else:
+        from weft.train.__main__ import setup_logging
         from weft.train.loop import run_training
 
+        setup_logging()  # step lines on the console, like `python -m weft.train`
         run_training(loaded)
     return json.loads((run_dir / "result.json").read_text())
 
