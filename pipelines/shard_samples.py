@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 from weft.schemas.ids import hash_of
 from weft.schemas.shards import ShardFormatError, check_key, image_member
 
-OUTPUT_TABLES = {"video": ("captions.parquet", "video_clip"), "web": ("docs.parquet", "web_doc")}
+OUTPUT_TABLES = {"video": ("captions.parquet", "video_clip"), "web": ("docs.parquet", "web_doc"),
+                 "synth": ("synth.parquet", "synth_sample"),
+                 "shapes": ("shapes.parquet", "shapes_sample")}
 
 
 @dataclass
@@ -154,8 +156,74 @@ def _doc_sample(root: Path, row: dict[str, Any], score_cols: list[str]) -> dict[
     return {"key": key, "json": record, "members": members}
 
 
+def _synth_sample(root: Path, row: dict[str, Any], score_cols: list[str]) -> dict[str, Any]:
+    """A synthesised sample: (prompt, reasoning, image) or (image, instruction, reasoning,
+    image); the reasoning is its own text item (role `reasoning`) right before the image
+    generated last, so the trainer's plan learns to think before it draws."""
+    kind = row["kind"]
+    key = _sample_key(row["item_id"], kind, row["item_id"])
+    if not row.get("reasoning") or not row.get("target_image"):
+        raise ShardFormatError(f"synth sample {row['item_id']} has no reasoning or no target")
+    members: dict[str, bytes] = {}
+
+    def image(data: bytes) -> dict[str, Any]:
+        data, ext = as_supported(data)
+        name = image_member(key, len(members), ext)
+        members[name] = data
+        return {"type": "image", "member": name}
+
+    if kind == "reasoning_t2i":
+        sequence = [{"type": "text", "role": "prompt", "text": row["prompt"]}]
+    elif kind == "reasoning_edit":
+        sequence = [image(row["source_image"]),
+                    {"type": "text", "role": "instruction", "text": row["instruction"]}]
+    else:
+        raise ShardFormatError(f"synth sample {row['item_id']}: unknown kind {kind!r}")
+    sequence += [{"type": "text", "role": "reasoning", "text": row["reasoning"]},
+                 image(row["target_image"])]
+    record = {"key": key, "kind": kind,
+              "source_id": row.get("upstream_source_id") or row.get("source_id"),
+              "parent_ids": list(row.get("parent_ids") or []), "ledger_item_id": row["item_id"],
+              "sequence": sequence, "scores": _scores(row, score_cols),
+              "licence": row.get("licence")}
+    return {"key": key, "json": record, "members": members}
+
+
+def _shapes_sample(root: Path, row: dict[str, Any], score_cols: list[str]) -> dict[str, Any]:
+    """A shapes-world sample (text_to_image | vqa | image_edit | video_clip): the row's
+    sequence already is the sample's, with images as run-relative PNG paths."""
+    kind = row["kind"]
+    key = _sample_key(row["item_id"], kind, row["item_id"])
+    members: dict[str, bytes] = {}
+    sequence: list[dict[str, Any]] = []
+    for item in json.loads(row["sequence"]):
+        if item["type"] == "text":
+            sequence.append({k: item[k] for k in ("type", "role", "text", "from_s", "to_s")
+                             if item.get(k) is not None})
+            continue
+        if item["type"] not in ("image", "video_frame"):
+            raise ShardFormatError(f"shapes sample {row['item_id']}: unknown item "
+                                   f"{item['type']!r}")
+        data, ext = as_supported(_inside(root, item["path"]).read_bytes())
+        name = image_member(key, len(members), ext)
+        members[name] = data
+        out = {"type": item["type"], "member": name}
+        if item["type"] == "video_frame":
+            out["time_s"] = float(item["time_s"])
+        sequence.append(out)
+    record = {"key": key, "kind": kind, "source_id": row.get("source_id"),
+              "parent_ids": list(row.get("parent_ids") or []), "ledger_item_id": row["item_id"],
+              "sequence": sequence, "scores": json.loads(row.get("scores") or "{}"),
+              "licence": row.get("licence")}
+    return {"key": key, "json": record, "members": members}
+
+
+_BUILDERS = {"video_clip": _caption_sample, "web_doc": _doc_sample,
+             "synth_sample": _synth_sample, "shapes_sample": _shapes_sample}
+
+
 def run_pipeline(run_dir: str | Path) -> str:
-    """The pipeline (video | web) that made a run directory, from its run.json."""
+    """The pipeline (video | web | synth) that made a run directory, from its run.json."""
     path = Path(run_dir) / "run.json"
     try:
         pipeline = json.loads(path.read_text())["pipeline"]
@@ -182,7 +250,7 @@ def convert_run(run_dir: str | Path, dataset: str | None = None,
     origin = run_origin(root, dataset)
     table = pq.read_table(path)
     score_cols = [c for c in table.column_names if c.endswith("score")]
-    build = _caption_sample if kind == "video_clip" else _doc_sample
+    build = _BUILDERS[kind]
     for row in table.to_pylist():
         out = Converted(row["item_id"], row.get("source_id"), kind)
         try:
@@ -227,3 +295,16 @@ def samples_from_docs(run_dir: str | Path, dataset: str | None = None) -> list[d
     nothing left is not a sample.
     """
     return _strict(run_dir, dataset, "web")
+
+
+def samples_from_synth(run_dir: str | Path, dataset: str | None = None) -> list[dict[str, Any]]:
+    """One `reasoning_t2i` / `reasoning_edit` sample per row of RUN_DIR/outputs/synth.parquet
+    (raises on a bad row). Images are stored in their own encoding (renders are PNG)."""
+    return _strict(run_dir, dataset, "synth")
+
+
+def samples_from_shapes(run_dir: str | Path, dataset: str | None = None
+                        ) -> list[dict[str, Any]]:
+    """One sample per row of RUN_DIR/outputs/shapes.parquet (raises on a bad row): kinds
+    text_to_image, vqa, image_edit and video_clip, images read from RUN_DIR/images/."""
+    return _strict(run_dir, dataset, "shapes")

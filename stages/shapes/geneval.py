@@ -1,0 +1,314 @@
+"""Toy GenEval: score generated images, edits, answers and captions against known truth.
+
+Text-to-image follows GenEval's six categories and rules: an image passes when the
+detector finds every required object (shape, and colour when the prompt names one),
+exactly N of them for counting, and, for position, some pair in the asked relation
+(GenEval's box-centre rule). Edits pass when the detected scene is the target scene
+(same objects, centres within `pos_tol`). Answers pass when they equal the truth
+after normalising; captions when they name exactly the scene's objects (and any
+relation they state holds).
+
+`evaluate` turns (category, pass) pairs into a table of per-category accuracy, the
+overall score (the mean over categories, as GenEval reports it) and each category's
+chance level, so a test or a report can say "beats chance". `chance_levels` measures
+chance: random scenes scored against the prompts, random answers from each question
+type's answer space, captions of random scenes, and edits answered by a random scene
+or by the unchanged source. Held-out evaluation sets (`eval_*`) draw from a seed
+domain the training generator never uses.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from weft.stages.shapes.detect import detect, match_scene
+from weft.stages.shapes.edits import EDIT_OPS, Edit, sample_edit
+from weft.stages.shapes.render import degrade, render
+from weft.stages.shapes.scene import (
+    OPPOSITE,
+    Obj,
+    Scene,
+    SceneConfig,
+    pick,
+    relations,
+    sample_scene,
+)
+from weft.stages.shapes.text import (
+    CATEGORIES,
+    QA,
+    QUESTION_TYPES,
+    PromptSpec,
+    Requirement,
+    answer_space,
+    caption,
+    caption_correct,
+    normalize_answer,
+    prompt_scene,
+    sample_prompt,
+    vqa_pairs,
+)
+
+EVAL_SALT = 0x5EED_E7A1  # first seed word of every evaluation draw (training draws never use it)
+
+
+# ---- single judgements ------------------------------------------------------------------------
+def score_prompt(spec: PromptSpec, objects: Sequence[Obj] | Scene) -> bool:
+    """GenEval's rule for one image, given the objects detected in it."""
+    objs = list(objects.objects if isinstance(objects, Scene) else objects)
+    groups = []
+    for req in spec.objects:
+        found = [o for o in objs
+                 if o.shape == req.shape and (req.colour is None or o.colour == req.colour)]
+        if len(found) < req.count or (req.exact and len(found) != req.count):
+            return False
+        groups.append(found)
+    if spec.relation is None:
+        return True
+    return any(spec.relation in relations(a, b) for a in groups[0] for b in groups[1])
+
+
+def geneval_image(spec: PromptSpec, image: np.ndarray) -> bool:
+    """Does a generated RGB image pass its prompt?"""
+    return score_prompt(spec, detect(image))
+
+
+def default_pos_tol(image_size: int) -> float:
+    """How far a detected centre may be from the target's: an eighth of the image side."""
+    return image_size / 8
+
+
+def edit_correct(target: Scene, image: np.ndarray, pos_tol: float | None = None) -> bool:
+    """The edited image shows the target scene: same objects, centres within pos_tol."""
+    tol = default_pos_tol(target.image_size) if pos_tol is None else pos_tol
+    return match_scene(target, detect(image), tol)
+
+
+def edit_accuracy(targets: Sequence[Scene], images: Sequence[np.ndarray],
+                  pos_tol: float | None = None) -> float:
+    """The share of edited images that show their target scenes."""
+    return _mean([edit_correct(t, im, pos_tol) for t, im in zip(targets, images, strict=True)])
+
+
+def answer_correct(answer: str, truth: str | QA) -> bool:
+    want = truth.answer if isinstance(truth, QA) else truth
+    return normalize_answer(answer) == normalize_answer(want)
+
+
+def vqa_accuracy(answers: Sequence[str], truths: Sequence[str | QA]) -> float:
+    """The share of answers equal to the truth after normalising."""
+    return _mean([answer_correct(a, t) for a, t in zip(answers, truths, strict=True)])
+
+
+def caption_accuracy(captions: Sequence[str], scenes: Sequence[Scene]) -> float:
+    """The share of captions that name exactly their scene's objects (relations hold)."""
+    return _mean([caption_correct(c, s) for c, s in zip(captions, scenes, strict=True)])
+
+
+def _mean(values: Sequence[bool]) -> float:
+    return float(np.mean(values)) if len(values) else 0.0
+
+
+def detector_accuracy(cfg: SceneConfig, n: int = 500, blur: float = 0.0, noise: float = 0.0,
+                      seed: int = 0, pos_tol: float = 1.0, size_tol: float | None = 0.0
+                      ) -> float:
+    """The share of n random scenes the detector reads back from their renders (blurred by
+    `blur` px and noised by `noise` when given): how far to trust every score here."""
+    rng = _rng(seed, 4)
+    hits = []
+    for _ in range(n):
+        scene = sample_scene(rng, cfg)
+        image = render(scene)
+        if blur or noise:
+            image = degrade(image, rng, blur, noise)
+        hits.append(match_scene(scene, detect(image), pos_tol, size_tol))
+    return _mean(hits)
+
+
+# ---- the table --------------------------------------------------------------------------------
+@dataclass
+class CategoryScore:
+    category: str
+    n: int
+    correct: int
+    accuracy: float
+    chance: float | None = None
+
+
+@dataclass
+class EvalTable:
+    """Per-category accuracy, the overall score (mean over categories) and chance."""
+
+    rows: list[CategoryScore] = field(default_factory=list)
+
+    @property
+    def overall(self) -> float:
+        return _mean([r.accuracy for r in self.rows]) if self.rows else 0.0
+
+    def accuracy(self, category: str) -> float:
+        return next(r.accuracy for r in self.rows if r.category == category)
+
+    def beats_chance(self, margin: float = 0.0) -> dict[str, bool]:
+        """Per category: accuracy above chance + margin (categories without a chance: absent)."""
+        return {r.category: r.accuracy > r.chance + margin for r in self.rows
+                if r.chance is not None}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows": [asdict(r) for r in self.rows], "overall": self.overall}
+
+    def to_markdown(self) -> str:
+        lines = ["| category | n | accuracy | chance |", "|---|---:|---:|---:|"]
+        for r in self.rows:
+            chance = "-" if r.chance is None else f"{r.chance:.3f}"
+            lines.append(f"| {r.category} | {r.n} | {r.accuracy:.3f} | {chance} |")
+        lines.append(f"| **overall** | {sum(r.n for r in self.rows)} | {self.overall:.3f} | |")
+        return "\n".join(lines)
+
+
+def evaluate(results: Iterable[tuple[str, bool]],
+             chance: Mapping[str, float] | None = None,
+             order: Sequence[str] | None = None) -> EvalTable:
+    """(category, passed) pairs as a table; `order` fixes the row order (default: sorted)."""
+    tally: dict[str, list[int]] = {}
+    for category, passed in results:
+        counts = tally.setdefault(category, [0, 0])
+        counts[0] += 1
+        counts[1] += bool(passed)
+    names = [c for c in (order or sorted(tally)) if c in tally]
+    names += sorted(set(tally) - set(names))
+    return EvalTable([CategoryScore(c, tally[c][0], tally[c][1], tally[c][1] / tally[c][0],
+                                    (chance or {}).get(c)) for c in names])
+
+
+def geneval(specs: Sequence[PromptSpec], images: Sequence[np.ndarray],
+            chance: Mapping[str, float] | None = None) -> EvalTable:
+    """GenEval's table for generated images, one per prompt spec."""
+    results = [(s.category, geneval_image(s, im)) for s, im in zip(specs, images, strict=True)]
+    return evaluate(results, chance, CATEGORIES)
+
+
+# ---- held-out evaluation sets -----------------------------------------------------------------
+def _rng(seed: int, *words: int) -> np.random.Generator:
+    return np.random.default_rng([EVAL_SALT, seed, *words])
+
+
+def eval_prompts(cfg: SceneConfig, per_category: int, seed: int = 0) -> list[PromptSpec]:
+    """per_category prompts of each GenEval category (no two alike while the world allows)."""
+    out: list[PromptSpec] = []
+    for c, category in enumerate(CATEGORIES):
+        seen: set[str] = set()
+        for i in range(per_category):
+            spec = sample_prompt(_rng(seed, 0, c, i), cfg, category)
+            for attempt in range(1, 20):
+                if spec.prompt not in seen:
+                    break
+                spec = sample_prompt(_rng(seed, 0, c, i, attempt), cfg, category)
+            seen.add(spec.prompt)
+            out.append(spec)
+    return out
+
+
+def eval_edits(cfg: SceneConfig, per_op: int, seed: int = 0) -> list[Edit]:
+    """per_op edits of each operation, on fresh scenes."""
+    out: list[Edit] = []
+    for o, op in enumerate(EDIT_OPS):
+        for i in range(per_op):
+            for attempt in range(100):
+                rng = _rng(seed, 1, o, i, attempt)
+                edit = sample_edit(rng, sample_scene(rng, cfg), cfg, op)
+                if edit is not None:
+                    out.append(edit)
+                    break
+    return out
+
+
+def eval_vqa(cfg: SceneConfig, n: int, seed: int = 0, per_image: int = 3
+             ) -> list[tuple[Scene, list[QA]]]:
+    """n scenes, each with its questions (types drawn uniformly)."""
+    out = []
+    for i in range(n):
+        rng = _rng(seed, 2, i)
+        scene = sample_scene(rng, cfg)
+        out.append((scene, vqa_pairs(rng, scene, cfg, per_image)))
+    return out
+
+
+def eval_captions(cfg: SceneConfig, n: int, seed: int = 0) -> list[Scene]:
+    """n scenes to caption."""
+    return [sample_scene(_rng(seed, 3, i), cfg) for i in range(n)]
+
+
+# ---- chance -----------------------------------------------------------------------------------
+def chance_levels(cfg: SceneConfig, n: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Chance per category, measured on n draws each (scene-level: the detector is exact).
+
+    geneval: a random scene scored against a random prompt of the category;
+    vqa: a uniformly random answer from the question type's answer space
+    (`vqa_majority`: always the type's most frequent answer, the prior a blind model learns);
+    caption: the caption of another random scene; edit: a random scene as the edit
+    (`edit`) and the unchanged source (`edit_copy`, the do-nothing baseline).
+    """
+    out: dict[str, dict[str, float]] = {"geneval": {}, "vqa": {}, "vqa_majority": {},
+                                        "caption": {}, "edit": {}, "edit_copy": {}}
+    for c, category in enumerate(CATEGORIES):
+        hits = [score_prompt(sample_prompt(_rng(seed, 10, c, i), cfg, category),
+                             sample_scene(_rng(seed, 11, c, i), cfg)) for i in range(n)]
+        out["geneval"][category] = _mean(hits)
+    votes: dict[str, list[bool]] = {t: [] for t in QUESTION_TYPES}
+    answers: dict[str, list[str]] = {t: [] for t in QUESTION_TYPES}
+    for i, (_, pairs) in enumerate(eval_vqa(cfg, n, seed + 1)):
+        rng = _rng(seed, 12, i)
+        for qa in pairs:
+            votes[qa.type].append(answer_correct(pick(rng, answer_space(qa.type, cfg)), qa))
+            answers[qa.type].append(qa.answer)
+    out["vqa"] = {t: _mean(v) for t, v in votes.items() if v}
+    out["vqa_majority"] = {t: max(Counter(a).values()) / len(a)
+                           for t, a in answers.items() if a}
+    scenes = eval_captions(cfg, n + 1, seed + 1)
+    out["caption"]["caption"] = _mean([caption_correct(caption(a), b)
+                                       for a, b in itertools.pairwise(scenes)])
+    edits = eval_edits(cfg, max(1, n // len(EDIT_OPS)), seed + 1)
+    tol = default_pos_tol(cfg.image_size)
+    for op in EDIT_OPS:
+        mine = [e for e in edits if e.op == op]
+        out["edit"][op] = _mean([match_scene(e.target, sample_scene(_rng(seed, 13, i), cfg), tol)
+                                 for i, e in enumerate(mine)])
+        out["edit_copy"][op] = _mean([match_scene(e.target, e.source, tol) for e in mine])
+    return out
+
+
+def wrong_scene(rng: np.random.Generator, cfg: SceneConfig, spec: PromptSpec) -> Scene | None:
+    """A scene that misses the prompt by one thing: the check that scoring can fail.
+
+    single / two objects: a shape the prompt does not name instead of the last one;
+    counting: one object more (or fewer at the limit); colors: another colour;
+    position: the opposite relation; color_attr: the two colours swapped.
+    """
+    reqs = list(spec.objects)
+    first, last = reqs[0], reqs[-1]
+    relation = spec.relation
+    if spec.category == "counting":
+        n = first.count + (1 if first.count < cfg.max_objects else -1)
+        reqs = [Requirement(first.shape, None, n, True)]
+    elif spec.category == "position":
+        relation = OPPOSITE[spec.relation or "left of"]
+    elif spec.category == "colors":
+        reqs[0] = Requirement(first.shape, pick(rng, [c for c in cfg.colours
+                                                      if c != first.colour]))
+    elif spec.category == "color_attr":
+        reqs = [Requirement(first.shape, last.colour), Requirement(last.shape, first.colour)]
+    else:
+        named = {r.shape for r in reqs}
+        reqs[-1] = Requirement(pick(rng, [s for s in cfg.shapes if s not in named]))
+    return prompt_scene(rng, cfg, PromptSpec(spec.category, "", tuple(reqs), relation))
+
+
+__all__ = ["EVAL_SALT", "CategoryScore", "EvalTable", "answer_correct", "caption_accuracy",
+           "chance_levels", "default_pos_tol", "detector_accuracy", "edit_accuracy",
+           "edit_correct", "eval_captions", "eval_edits", "eval_prompts", "eval_vqa", "evaluate",
+           "geneval", "geneval_image", "score_prompt", "vqa_accuracy", "wrong_scene"]

@@ -1,0 +1,95 @@
+"""Toy GenEval: ground truth scores 1, wrong renders score 0, chance stays low."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from weft.stages.shapes.edits import EDIT_OPS
+from weft.stages.shapes.geneval import (
+    caption_accuracy,
+    chance_levels,
+    edit_accuracy,
+    edit_correct,
+    eval_captions,
+    eval_edits,
+    eval_prompts,
+    eval_vqa,
+    evaluate,
+    geneval,
+    vqa_accuracy,
+    wrong_scene,
+)
+from weft.stages.shapes.render import render
+from weft.stages.shapes.scene import SceneConfig
+from weft.stages.shapes.text import CATEGORIES, QUESTION_TYPES, caption, prompt_scene
+
+CFG = SceneConfig()
+
+
+@pytest.fixture(scope="module")
+def chance() -> dict[str, dict[str, float]]:
+    return chance_levels(CFG, n=600)
+
+
+def test_ground_truth_renders_pass_every_category_and_wrong_ones_fail(chance) -> None:
+    specs = eval_prompts(CFG, per_category=25)
+    rng = np.random.default_rng(0)
+    right = [render(prompt_scene(rng, CFG, s)) for s in specs]
+    wrong = [render(wrong_scene(rng, CFG, s)) for s in specs]
+    good = geneval(specs, right, chance["geneval"])
+    bad = geneval(specs, wrong, chance["geneval"])
+    assert [r.category for r in good.rows] == list(CATEGORIES)
+    assert all(r.accuracy == 1.0 and r.n == 25 for r in good.rows), good.to_markdown()
+    assert all(r.accuracy == 0.0 for r in bad.rows), bad.to_markdown()
+    assert good.overall == 1.0 and bad.overall == 0.0
+    assert all(good.beats_chance(margin=0.4).values())
+
+
+def test_chance_is_low_for_every_category(chance) -> None:
+    assert set(chance["geneval"]) == set(CATEGORIES)
+    assert all(v < 0.5 for v in chance["geneval"].values())
+    assert chance["geneval"]["color_attr"] < chance["geneval"]["colors"] < \
+        chance["geneval"]["single_object"]
+    assert set(chance["vqa"]) == set(QUESTION_TYPES)
+    assert all(abs(chance["vqa"][t] - 0.5) < 0.1 for t in ("position", "exists"))
+    assert all(v < 0.65 for v in chance["vqa_majority"].values())
+    assert chance["caption"]["caption"] < 0.05
+    assert all(v == 0.0 for v in chance["edit_copy"].values())
+    assert all(v < 0.05 for v in chance["edit"].values())
+
+
+def test_edits_score_on_the_target_only() -> None:
+    edits = eval_edits(CFG, per_op=15)
+    assert {e.op for e in edits} == set(EDIT_OPS) and len(edits) == 60
+    assert edit_accuracy([e.target for e in edits], [render(e.target) for e in edits]) == 1.0
+    assert edit_accuracy([e.target for e in edits], [render(e.source) for e in edits]) == 0.0
+    e = edits[0]
+    assert edit_correct(e.target, render(e.target), pos_tol=0)
+
+
+def test_vqa_and_caption_accuracy() -> None:
+    items = eval_vqa(CFG, 50)
+    qas = [qa for _, pairs in items for qa in pairs]
+    assert vqa_accuracy([qa.answer for qa in qas], qas) == 1.0
+    assert vqa_accuracy(["Yes.", "THREE", "no"], ["yes", "3", "yes"]) == pytest.approx(2 / 3)
+    scenes = eval_captions(CFG, 50)
+    assert caption_accuracy([caption(s) for s in scenes], scenes) == 1.0
+    assert caption_accuracy([caption(s) for s in scenes[1:]], scenes[:-1]) < 0.1
+
+
+def test_evaluate_builds_a_table_with_overall_and_chance() -> None:
+    table = evaluate([("a", True), ("a", False), ("b", True)], {"a": 0.25, "b": 0.9})
+    assert [(r.category, r.n, r.correct) for r in table.rows] == [("a", 2, 1), ("b", 1, 1)]
+    assert table.overall == pytest.approx(0.75)
+    assert table.beats_chance() == {"a": True, "b": True}
+    assert table.beats_chance(margin=0.3) == {"a": False, "b": False}
+    assert "| **overall** | 3 | 0.750 |" in table.to_markdown()
+    assert table.as_dict()["overall"] == pytest.approx(0.75)
+
+
+def test_evaluation_sets_are_deterministic_and_apart_from_training() -> None:
+    assert eval_prompts(CFG, 5, seed=1) == eval_prompts(CFG, 5, seed=1)
+    assert eval_prompts(CFG, 5, seed=1) != eval_prompts(CFG, 5, seed=2)
+    prompts = [s.prompt for s in eval_prompts(CFG, 20) if s.category == "colors"]
+    assert len(set(prompts)) == 20
