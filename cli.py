@@ -34,6 +34,9 @@ audit_app = typer.Typer(no_args_is_help=True,
                         help="Answer an auditor from the ledger: trace a sample, explain a drop, "
                              "report a run.")
 app.add_typer(audit_app, name="audit")
+shapes_app = typer.Typer(no_args_is_help=True,
+                         help="The shapes world: generated data where every answer is known.")
+app.add_typer(shapes_app, name="shapes")
 policy_app = typer.Typer(no_args_is_help=True,
                          help="Re-decide a finished run under another policy, from stored scores.")
 app.add_typer(policy_app, name="policy")
@@ -566,6 +569,34 @@ def audit_why(
         print(json.dumps([v.to_dict() for v in verdicts], indent=2, default=str))
     else:
         console.print(Markdown(render_why(verdicts)))
+
+
+@shapes_app.command("generate")
+def shapes_generate(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="where the shapes run goes")],
+    config: Annotated[Path | None, typer.Option("--config", help="YAML over "
+                                                "configs/shapes.yaml")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override; "
+                                                   "repeatable")] = None,
+) -> None:
+    """Generate shapes-world samples (captions, prompts, VQA, edits, clips) as a run with a
+    ledger; shard it with `weft shards write --run-dir`."""
+    from weft.pipelines.common import ConfigError
+    from weft.pipelines.shapes import generate_run, load_config
+    from weft.train.__main__ import parse_overrides
+
+    try:
+        loaded = load_config(config, parse_overrides(set_ or []))
+    except ConfigError as exc:
+        _fail(str(exc))
+    summary = generate_run(loaded, run_dir)
+    table = Table(title=f"shapes run {run_dir}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if isinstance(value, int | float | str):
+            table.add_row(str(key), str(value))
+    console.print(table)
 
 
 @policy_app.command("apply")
