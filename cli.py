@@ -34,6 +34,10 @@ audit_app = typer.Typer(no_args_is_help=True,
                         help="Answer an auditor from the ledger: trace a sample, explain a drop, "
                              "report a run.")
 app.add_typer(audit_app, name="audit")
+synth_app = typer.Typer(no_args_is_help=True,
+                        help="Reasoning-augmented synthesis: text-to-image and edits with "
+                             "reasoning traces.")
+app.add_typer(synth_app, name="synth")
 shapes_app = typer.Typer(no_args_is_help=True,
                          help="The shapes world: generated data where every answer is known.")
 app.add_typer(shapes_app, name="shapes")
@@ -207,6 +211,15 @@ def make_tiny_clip(out: Annotated[Path, typer.Option("--out")]) -> None:
     console.print(f"tiny open_clip model saved to {out}")
 
 
+@models_app.command("make-tiny-flux")
+def make_tiny_flux_cmd(out: Annotated[Path, typer.Option("--out")] = Path(
+        "~/.cache/weft/models/tiny/flux")) -> None:
+    """Save a tiny random-init FLUX pipeline (the synthesis renderer in tests and the demo)."""
+    from weft.stages.synth import make_tiny_flux
+
+    console.print(f"tiny FLUX pipeline: {make_tiny_flux(out.expanduser())}")
+
+
 @models_app.command("make-tiny")
 def make_tiny(out: Annotated[Path, typer.Option("--out")]) -> None:
     """Save tiny random-init Qwen2.5-VL and Qwen2.5 models in Hugging Face format under DIR."""
@@ -223,15 +236,18 @@ def make_tiny(out: Annotated[Path, typer.Option("--out")]) -> None:
 
 @config_app.command("defaults")
 def config_defaults(
-    pipeline: Annotated[str, typer.Argument(help="config name: video | web | train")] = "video",
+    pipeline: Annotated[str, typer.Argument(help="config name: video | web | synth | "
+                                                 "train")] = "video",
     write: Annotated[bool, typer.Option("--write", help="rewrite configs/<pipeline>.yaml")] = False,
 ) -> None:
     """Print every default of a config (video, web, train) as commented YAML (or rewrite it)."""
+    from weft.pipelines import synth as synth_pipeline
     from weft.pipelines import video as video_pipeline
     from weft.pipelines import web as web_pipeline
     from weft.train import config as train_config
 
-    renderers = {"video": (video_pipeline.default_config_yaml, video_pipeline.DEFAULT_CONFIG),
+    renderers = {"synth": (synth_pipeline.default_config_yaml, synth_pipeline.DEFAULT_CONFIG),
+                 "video": (video_pipeline.default_config_yaml, video_pipeline.DEFAULT_CONFIG),
                  "web": (web_pipeline.default_config_yaml, web_pipeline.DEFAULT_CONFIG),
                  "train": (train_config.default_config_yaml, train_config.DEFAULT_CONFIG)}
     if pipeline not in renderers:
@@ -569,6 +585,34 @@ def audit_why(
         print(json.dumps([v.to_dict() for v in verdicts], indent=2, default=str))
     else:
         console.print(Markdown(render_why(verdicts)))
+
+
+@synth_app.command("run")
+def synth_run(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="where outputs and ledger go")],
+    input: Annotated[Path | None, typer.Option("--input", help="folder with prompts.jsonl "
+                                               "and/or edits.jsonl (optional when the config "
+                                               "lists interleaved_runs)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML over "
+                                                "configs/synth.yaml")] = None,
+) -> None:
+    """Synthesize reasoning-augmented samples (a Prefect flow on Ray)."""
+    from weft import flows
+    from weft.pipelines import synth
+    from weft.pipelines.common import ConfigError
+    from weft.schemas.run_dir import ConfigMismatchError
+
+    try:
+        synth.preflight(synth.load_config(config))
+        if input is not None and not input.is_dir():
+            raise ConfigError(f"--input {input} is not a directory")
+        result = flows.synth_flow(input_dir=str(input) if input else None,
+                                  run_dir=str(run_dir),
+                                  config_path=str(config) if config else None)
+    except (ConfigError, ConfigMismatchError) as exc:
+        _fail(str(exc))
+    print_funnel(result["funnel"])
+    console.print(f"run {result['run_id']}: outputs in {result['run_dir']}")
 
 
 @shapes_app.command("generate")

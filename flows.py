@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import TaskRunContext
 
-from weft.pipelines import common, mixture, video, web
+from weft.pipelines import common, mixture, synth, video, web
 from weft.pipelines.ray_runtime import init_ray
 from weft.pipelines.shard import verify_shards
 from weft.schemas.ids import hash_of
@@ -351,3 +351,51 @@ def train_flow(config: dict[str, Any], nproc: int = 1) -> dict[str, Any]:
                   f"| {last.get('ce', float('nan')):.4f} | {last.get('mse', float('nan')):.4f} |"
                   f"\n\nexport: {result.get('export_dir')}\n"))
     return result
+
+
+# ---------------------------------------------------------------------------
+# reasoning-augmented synthesis
+# ---------------------------------------------------------------------------
+
+def _synth_partition_key(_: TaskRunContext, params: dict[str, Any]) -> str:
+    return hash_of("synth-partition", params["partition_id"], params["config_hash"],
+                   params["code_version"], params["run_dir"])
+
+
+@task(name="synth-partition", cache_key_fn=_synth_partition_key, persist_result=True,
+      result_serializer="json")
+def synth_partition(partition_id: str, group: list[dict[str, Any]], config_path: str | None,
+                    run_dir: str, run_id: str, config_hash: str, code_version: str
+                    ) -> dict[str, Any]:
+    """Parse one partition's inputs: prompts, edit triples, interleaved candidates."""
+    loaded = synth.load_config(config_path)
+    return synth.process_partition(group, partition_id, loaded, RunDir(Path(run_dir)), run_id)
+
+
+def _synth_global_key(_: TaskRunContext, params: dict[str, Any]) -> str:
+    return hash_of("synth-global", sorted(params["partition_ids"]), params["config_hash"],
+                   params["code_version"], params["run_dir"])
+
+
+@task(name="synth-global-steps", cache_key_fn=_synth_global_key, persist_result=True,
+      result_serializer="json")
+def synthesize(partition_ids: list[str], config_path: str | None, run_dir: str, run_id: str,
+               config_hash: str, code_version: str) -> dict[str, Any]:
+    """Judge, roll out, instruct, reason, render, verify and dedup (models via the cache)."""
+    loaded = synth.load_config(config_path)
+    return synth.run_global(loaded, RunDir(Path(run_dir)), run_id, partition_ids)
+
+
+@flow(name="synth_flow", log_prints=True)
+def synth_flow(input_dir: str | None, run_dir: str, config_path: str | None = None
+               ) -> dict[str, Any]:
+    """Prompts, edit triples and curated runs in; reasoning-augmented samples out."""
+    loaded = synth.load_config(config_path)
+    synth.preflight(loaded)
+    started = synth.start_run(loaded, input_dir, run_dir, config_path)  # also starts Ray
+    partitions = run_partitions(started, synth_partition)
+    result = run_global(started, synthesize, started.run.outputs_dir / synth.OUTPUT)
+    rows = finish_run(started, "synth-funnel", "Synthesis funnel")
+    return {"run_id": started.run_id, "run_dir": str(started.run.root),
+            "inputs": started.n_files, "partitions": partitions, "synth": result,
+            "funnel": [r.__dict__ for r in rows]}

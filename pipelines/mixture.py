@@ -56,8 +56,8 @@ class MixtureSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="dataset name: shard file prefix and folder name")
-    run_dir: str = Field(description="a finished video or web run directory (relative "
-                                     "paths are relative to the mixture file)")
+    run_dir: str = Field(description="a finished video, web, synth or shapes run directory "
+                                     "(relative paths are relative to the mixture file)")
     weight: float = Field(1.0, gt=0, description="relative sampling weight for the trainer")
     filters: SampleFilter = Field(default_factory=SampleFilter)
 
@@ -148,7 +148,7 @@ def source_dir(source: MixtureSource, base: Path) -> Path:
 
 
 def check_sources(config: MixtureConfig, base: Path) -> None:
-    """Every dataset's run directory is a finished video or web run (fail at start-up)."""
+    """Every dataset's run directory is a finished run that shards (fail at start-up)."""
     if not config.sources:
         raise ConfigError("a mixture needs at least one source")
     for source in config.sources:

@@ -223,7 +223,7 @@ _BUILDERS = {"video_clip": _caption_sample, "web_doc": _doc_sample,
 
 
 def run_pipeline(run_dir: str | Path) -> str:
-    """The pipeline (video | web | synth) that made a run directory, from its run.json."""
+    """The pipeline (video | web | synth | shapes) that made a run directory (run.json)."""
     path = Path(run_dir) / "run.json"
     try:
         pipeline = json.loads(path.read_text())["pipeline"]
@@ -262,6 +262,7 @@ def convert_run(run_dir: str | Path, dataset: str | None = None,
                 out.reason = "empty_sample"
             else:
                 out.sample = {**sample, **origin}
+                out.kind = sample["json"]["kind"]  # the sample's own kind, not the table's
         yield out
 
 
