@@ -113,7 +113,8 @@ def demo(
     models_dir: Annotated[Path, typer.Option("--models-dir", help="where tiny models are "
                                              "built")] = Path("~/.cache/weft/models/tiny"),
 ) -> None:
-    """Fetch sample videos, build tiny models, curate, shard, train the tiny MoT, sample."""
+    """Fetch sample videos, build tiny models, curate, synthesize, shard, train the tiny
+    MoT, sample."""
     import yaml
 
     from weft.assets import fetch
@@ -147,10 +148,53 @@ def demo(
         "embed": {"model_dir": str(clip_dir)},
     }, sort_keys=False))
     video(input=inputs, run_dir=run_dir, config=config)
+    synth_dir = _demo_synth(models_dir, registry, run_dir)
+    mixture = run_dir.parent / f"{run_dir.name}-mixture.yaml"
+    mixture.write_text(yaml.safe_dump({"name": "demo", "sources": [
+        {"name": "video", "run_dir": str(run_dir.resolve()), "weight": 1.0},
+        {"name": "synth", "run_dir": str(synth_dir.resolve()), "weight": 1.0}]},
+        sort_keys=False))
     shards = run_dir.parent / f"{run_dir.name}-shards"
-    shards_write(out=shards, mixture_file=None, run_dir=run_dir, name="video", seed=0,
+    shards_write(out=shards, mixture_file=mixture, run_dir=None, name=None, seed=0,
                  max_shard_bytes=1_000_000_000, verify=True)
     _demo_train(models_dir, tiny["qwen2_5"], shards, run_dir)
+
+
+DEMO_PROMPTS = ["a red bicycle in a city street", "a cartoon hero with a blue head",
+                "a bowl of ramen, top view", "a lighthouse at dusk"]
+
+
+def _demo_synth(models_dir: Path, registry: Path, video_run: Path) -> Path:
+    """Reasoning-augmented samples: text-to-image from a few prompts (tiny FLUX renders)
+    and conceptual edits drawn from the demo's curated clips."""
+    import json
+
+    import yaml
+
+    from weft import flows
+    from weft.pipelines.video import CONFIGS_DIR
+    from weft.stages.synth.tiny_renderer import make_tiny_flux
+
+    inputs = video_run.parent / f"{video_run.name}-synth-inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    (inputs / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in DEMO_PROMPTS))
+    config = video_run.parent / f"{video_run.name}-synth-config.yaml"
+    config.write_text(yaml.safe_dump({
+        # Tiny random models: the policy records their verdicts without deciding on them.
+        "policy": str(CONFIGS_DIR / "policies" / "synth-tiny-models.yaml"),
+        "models": str(registry.resolve()),
+        "interleaved_runs": [str(video_run.resolve())],
+        "parse": {"max_pairs_per_run": 4},
+        "rollout": {"rollouts": 1},
+        "reason": {"max_tokens": 64},
+        "render": {"path": str(make_tiny_flux(models_dir / "flux")), "height": 64,
+                   "width": 64, "steps": 4},
+    }, sort_keys=False))
+    out = video_run.parent / f"{video_run.name}-synth"
+    result = flows.synth_flow(input_dir=str(inputs), run_dir=str(out), config_path=str(config))
+    print_funnel(result["funnel"])
+    return out
 
 
 def _demo_train(models_dir: Path, llm_dir: Path, shards: Path, run_dir: Path) -> None:
@@ -215,7 +259,7 @@ def make_tiny_clip(out: Annotated[Path, typer.Option("--out")]) -> None:
 def make_tiny_flux_cmd(out: Annotated[Path, typer.Option("--out")] = Path(
         "~/.cache/weft/models/tiny/flux")) -> None:
     """Save a tiny random-init FLUX pipeline (the synthesis renderer in tests and the demo)."""
-    from weft.stages.synth import make_tiny_flux
+    from weft.stages.synth.tiny_renderer import make_tiny_flux
 
     console.print(f"tiny FLUX pipeline: {make_tiny_flux(out.expanduser())}")
 
