@@ -29,7 +29,6 @@ from weft.train.shard_loader import TooFewShardsError
 
 pytestmark = pytest.mark.integration
 
-DEMO_RUN = Path(__file__).resolve().parents[2] / "runs" / "demo"
 UNIFIED = UnifiedConfig()
 
 
@@ -51,19 +50,18 @@ def _frame_jpeg(seed: int) -> bytes:
 
 
 def _video_samples() -> list[dict]:
-    """The demo run's clips (real frames and captions), or synthetic clips without it."""
-    if (DEMO_RUN / "outputs" / "captions.parquet").is_file():
-        from weft.pipelines.shard_samples import samples_from_captions
-
-        return samples_from_captions(DEMO_RUN, "video")
+    """Synthetic clips: a moving square over a gradient, transition captions (hermetic:
+    the same samples on every machine, whatever runs/ holds)."""
     out = []
     for i in range(10):
         key = hash_of("train-data-video", i)
         sequence, members = [], {}
-        for n in range(3):
+        for n in range(4):
             if n:
                 sequence.append({"type": "text", "role": "caption",
-                                 "text": f"the square moves on {i} {n}"})
+                                 "text": f"clip {i}, step {n}: the white square slides "
+                                         "to the right across a smooth colour gradient while "
+                                         "the camera stays still and the light is unchanged"})
             name = f"{key}.{n}.jpg"
             members[name] = _frame_jpeg(i * 3 + n)
             sequence.append({"type": "video_frame", "member": name, "time_s": n * 0.5})
