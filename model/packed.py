@@ -218,11 +218,17 @@ class PackBuilder:
         self._labels += labels if labels is not None else [IGNORE_INDEX] * n
 
     def add_text(self, ids: list[int], loss: bool = False) -> PackBuilder:
-        """A causal text split; with loss, each token but the last predicts the next."""
+        """A causal text split; with loss, every token of it is a target: each predicts the
+        next, and a text token right before it in the document predicts its first."""
         if not ids:
             raise PackError("a text item needs at least one token")
         doc = self._doc_state()
         labels = [*ids[1:], IGNORE_INDEX] if loss else [IGNORE_INDEX] * len(ids)
+        if loss and self._kind and self._kind[-1] == TokenKind.TEXT and \
+                self._doc[-1] == self._n_docs - 1:
+            # the text just before (a question, a prompt) predicts this item's first token:
+            # without it, a one-token answer would never be a target
+            self._labels[-1] = ids[0]
         positions = list(range(doc.position, doc.position + len(ids)))
         doc.position += len(ids)
         self._append(len(ids), TokenKind.TEXT, False, positions, list(ids), labels)

@@ -104,3 +104,13 @@ def test_tiny_model_overfits_one_packed_batch(parts, mode) -> None:
     last = (out.ce.item(), out.mse.item())
     assert last[0] < 0.1 * first[0], (first, last)
     assert last[1] < 0.1 * first[1], (first, last)
+
+
+def test_first_answer_token_is_a_target_but_never_across_documents() -> None:
+    """question (no loss) -> answer (loss): the question's last token predicts the answer's
+    first, so a one-token answer is learned; a new document's first token is not a target."""
+    b = PackBuilder()
+    b.new_document().add_text([5, 6, 7]).add_text([42], loss=True)
+    b.new_document().add_text([8, 9], loss=True)
+    batch = b.build()
+    assert batch.labels.tolist() == [-100, -100, 42, -100, 9, -100]

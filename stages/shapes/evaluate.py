@@ -1,0 +1,339 @@
+"""Score a trained run on the shapes world: GenEval, edits, VQA and captions in one table.
+
+The run's export is driven through the `Interleaver` with the layout the trainer's plans
+give shapes samples (see `train/plans.py`, `train/packer.py`), so the model is asked
+exactly what it was taught:
+
+    t2i      prompt <|vision_start|>            -> generate an image
+    edit     <|vision_start|> src <|vision_end|> instruction <|vision_start|> -> generate
+    vqa      <|vision_start|> img <|vision_end|> question   -> decode the answer
+    caption  <|vision_start|> img <|vision_end|> "Describe the image." -> decode to eos
+
+Prompts, edits, questions and scenes are the held-out sets of `geneval.py` (their own
+seed salt, never drawn by a shapes run). The detector scores images; answers are
+compared after `normalize_answer` (the first word only: a VQA answer is one word, and
+a sample's next question follows it without an eos). Rows are prefixed by task
+(`geneval/colors`, `vqa/colour`, `edit/move`, `caption`), each with its chance level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from weft.stages.shapes.detect import detect, match_scene
+from weft.stages.shapes.edits import EDIT_OPS
+from weft.stages.shapes.geneval import (
+    EvalTable,
+    answer_correct,
+    chance_levels,
+    default_pos_tol,
+    eval_captions,
+    eval_edits,
+    eval_prompts,
+    eval_vqa,
+    evaluate,
+    geneval_image,
+)
+from weft.stages.shapes.render import png_bytes, render
+from weft.stages.shapes.scene import SceneConfig
+from weft.stages.shapes.text import (
+    CAPTION_QUESTION,
+    CATEGORIES,
+    QUESTION_TYPES,
+    caption_correct,
+    normalize_answer,
+)
+
+TASKS = ("geneval", "edit", "vqa", "caption")
+
+
+@dataclass
+class Loaded:
+    """An exported run ready to sample: model, codec, tokenizer and its image spec."""
+
+    model: Any
+    codec: Any
+    tokenizer: Any
+    text: Any  # train.packer.TextTokens
+    spec: Any  # train.images.ImageSpec
+
+
+def load_run(run_dir: str | Path, weights: str = "ema") -> Loaded:
+    """The run's export, VAE and tokenizer, as `train/sample.py` loads them."""
+    from transformers import AutoTokenizer
+
+    from weft.model.vae import LatentCodec
+    from weft.train.checkpoint import load_exported
+    from weft.train.config import TrainConfig
+    from weft.train.images import ImageSpec
+    from weft.train.packer import TextTokens
+
+    run = Path(run_dir)
+    config = TrainConfig.model_validate_json((run / "config.json").read_text())
+    if config.model.vae_path is None:
+        raise ValueError(f"{run} was trained without a VAE: nothing to generate with")
+    model = load_exported(run / "export", weights=weights).eval()
+    codec = LatentCodec.from_pretrained(config.model.vae_path)
+    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or
+                                              config.model.llm_checkpoint,
+                                              local_files_only=True)
+    spec = ImageSpec.from_config(config.data, model.config,
+                                 model.vision.patch_size if model.vision else None)
+    return Loaded(model, codec, tokenizer, TextTokens(tokenizer), spec)
+
+
+def _pixels(run: Loaded, image: np.ndarray) -> torch.Tensor:
+    """A render as the trainer sees it: PNG bytes through the same decode and resize."""
+    from weft.train.images import decode_rgb, vae_input
+
+    return vae_input(decode_rgb(png_bytes(image), run.spec.max_pixels), run.spec)
+
+
+def _uint8(image: torch.Tensor) -> np.ndarray:
+    return ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def _markers(run: Loaded) -> tuple[list[int], list[int]]:
+    start, end = run.text.markers or (None, None)
+    return ([start] if start is not None else []), ([end] if end is not None else [])
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    return [range(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def generate(run: Loaded, prompts: Sequence[str], size: int, steps: int,
+             sources: Sequence[np.ndarray] | None = None, batch_size: int = 8,
+             seed: int = 0, **guidance: Any) -> list[np.ndarray]:
+    """One image per prompt (an edit of `sources[i]` when given), as uint8 RGB."""
+    from weft.model.inference import Interleaver
+
+    start, end = _markers(run)
+    out: list[np.ndarray] = []
+    for chunk in _chunks(len(prompts), batch_size):
+        inter = Interleaver(run.model, run.codec, batch_size=len(chunk),
+                            vit_max_patches=run.spec.vit_max_patches)
+        if sources is not None:
+            if start:
+                inter.append_text([start] * len(chunk))
+            inter.append_image([_pixels(run, sources[i]) for i in chunk])
+        inter.append_text([end * (sources is not None) + run.text.encode(prompts[i]) + start
+                           for i in chunk])
+        gens = [torch.Generator().manual_seed(seed + i) for i in chunk]
+        images = inter.generate_image(size, size, steps=steps, generator=gens, append=False,
+                                      **guidance)
+        out.extend(_uint8(im) for im in images)
+    return out
+
+
+def answer(run: Loaded, images: Sequence[np.ndarray], questions: Sequence[str],
+           max_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy text after each image and question (cut at eos or the next image marker)."""
+    from weft.model.inference import Interleaver
+
+    start, end = _markers(run)
+    out: list[str] = []
+    for chunk in _chunks(len(images), batch_size):
+        inter = Interleaver(run.model, run.codec, batch_size=len(chunk),
+                            vit_max_patches=run.spec.vit_max_patches)
+        if start:
+            inter.append_text([start] * len(chunk))
+        _append_understood(inter, [_pixels(run, images[i]) for i in chunk])
+        inter.append_text([end + run.text.encode(questions[i]) for i in chunk])
+        for ids in inter.decode_text(max_tokens, eos_id=run.text.eos):
+            stops = [i for i, t in enumerate(ids) if t in (run.text.eos, *start)]
+            ids = ids[:stops[0]] if stops else ids
+            out.append(run.tokenizer.decode(ids, skip_special_tokens=True))
+    return out
+
+
+def _append_understood(inter: Any, images: Sequence[torch.Tensor]) -> None:
+    """Prefill images as ViT tokens only: how the trainer lays out a VQA / caption image
+    (`plans._Builder.understood`), unlike `Interleaver.append_image` (latents + ViT).
+    Uses the Interleaver's internals until it offers this itself; a model without
+    vision falls back to `append_image`."""
+    from weft.model.inference import _Item
+    from weft.model.packed import TokenKind
+
+    vit = inter._vit_hidden(images)
+    if vit is None:
+        inter.append_image(images)
+        return
+    dtype = inter.model.dtype
+    inter._append([_Item(v.to(dtype), ((TokenKind.VIT, len(v)),)) for v in vit], "image")
+
+
+def _first_word(text: str) -> str:
+    words = normalize_answer(text).split()
+    return words[0] if words else ""
+
+
+def _grid(rows: Sequence[Sequence[np.ndarray]], path: Path, scale: int = 2) -> Path:
+    """Images in rows (padded with white), upscaled, written as one PNG."""
+    from PIL import Image
+
+    side = rows[0][0].shape[0]
+    cols = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (side + 2), cols * (side + 2), 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            y, x = r * (side + 2), c * (side + 2)
+            canvas[y:y + side, x:x + side] = image
+    img = Image.fromarray(canvas)
+    img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(path)
+    return path
+
+
+def evaluate_run(train_run_dir: str | Path, shapes_config: Any = None,
+                 n_per_category: int = 8, steps: int = 20, out_dir: str | Path | None = None,
+                 tasks: Sequence[str] = TASKS, seed: int = 0, batch_size: int = 8,
+                 weights: str = "ema", chance_n: int = 300,
+                 **guidance: Any) -> tuple[EvalTable, list[Path]]:
+    """Score a run on held-out shapes tasks; write sample grids (PNG) and the table.
+
+    shapes_config: a `ShapesConfig`, a `SceneConfig`, a YAML path or None (defaults);
+    only its scene settings matter. n_per_category: prompts per GenEval category, edits
+    per op, VQA scenes (x3 questions) and captions are this many each. steps: Euler
+    steps per generated image. guidance: passed to `Interleaver.generate_image`
+    (cfg_text_scale, cfg_image_scale, ...). Returns the table and the PNG paths.
+    """
+    cfg = _scene_config(shapes_config)
+    run = load_run(train_run_dir, weights)
+    out = Path(out_dir) if out_dir is not None else Path(train_run_dir) / "eval-shapes"
+    out.mkdir(parents=True, exist_ok=True)
+    chance = chance_levels(cfg, chance_n, seed)
+    results: list[tuple[str, bool]] = []
+    chances: dict[str, float] = {}
+    pngs: list[Path] = []
+    size = cfg.image_size
+    if "geneval" in tasks:
+        specs = eval_prompts(cfg, n_per_category, seed)
+        images = generate(run, [s.prompt for s in specs], size, steps, None, batch_size,
+                          seed, **guidance)
+        results += [(f"geneval/{s.category}", geneval_image(s, im))
+                    for s, im in zip(specs, images, strict=True)]
+        chances.update({f"geneval/{k}": v for k, v in chance["geneval"].items()})
+        rows = [[im for s, im in zip(specs, images, strict=True) if s.category == c]
+                for c in CATEGORIES]
+        pngs.append(_grid([r for r in rows if r], out / "geneval.png"))
+    if "edit" in tasks:
+        edits = eval_edits(cfg, n_per_category, seed)
+        sources = [render(e.source) for e in edits]
+        images = generate(run, [e.instruction for e in edits], size, steps, sources,
+                          batch_size, seed, **guidance)
+        tol = default_pos_tol(size)
+        results += [(f"edit/{e.op}", match_scene(e.target, detect(im), tol))
+                    for e, im in zip(edits, images, strict=True)]
+        chances.update({f"edit/{k}": v for k, v in chance["edit"].items()})
+        pngs.append(_grid([[s, im, render(e.target)] for e, s, im
+                           in zip(edits, sources, images, strict=True)][:16],
+                          out / "edits.png"))
+    if "vqa" in tasks:
+        pairs = [(scene, qa) for scene, qas in eval_vqa(cfg, n_per_category, seed)
+                 for qa in qas]
+        answers = answer(run, [render(s) for s, _ in pairs], [qa.question for _, qa in pairs],
+                         4, batch_size)
+        results += [(f"vqa/{qa.type}", answer_correct(_first_word(a), qa))
+                    for (_, qa), a in zip(pairs, answers, strict=True)]
+        chances.update({f"vqa/{k}": v for k, v in chance["vqa"].items()})
+    if "caption" in tasks:
+        scenes = eval_captions(cfg, n_per_category, seed)
+        captions = answer(run, [render(s) for s in scenes], [CAPTION_QUESTION] * len(scenes),
+                          48, batch_size)
+        results += [("caption", caption_correct(c, s))
+                    for c, s in zip(captions, scenes, strict=True)]
+        chances["caption"] = chance["caption"]["caption"]
+    order = [*(f"geneval/{c}" for c in CATEGORIES), *(f"edit/{o}" for o in EDIT_OPS),
+             *(f"vqa/{q}" for q in QUESTION_TYPES), "caption"]
+    table = evaluate(results, chances, order)
+    (out / "table.md").write_text(table.to_markdown() + "\n")
+    return table, pngs
+
+
+def _scene_config(shapes_config: Any) -> SceneConfig:
+    if isinstance(shapes_config, SceneConfig):
+        return shapes_config
+    if shapes_config is None or isinstance(shapes_config, str | Path):
+        from weft.pipelines.shapes import load_config
+
+        return load_config(shapes_config).scene
+    return shapes_config.scene
+
+
+def task_mean(table: EvalTable, task: str) -> float:
+    """Mean accuracy over one task's rows (`geneval`, `edit`, `vqa`, `caption`)."""
+    accs = [r.accuracy for r in table.rows if r.category.split("/")[0] == task]
+    return float(np.mean(accs)) if accs else 0.0
+
+
+def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = None,
+                    shapes_config: str | Path | None = None, n_per_category: int = 8,
+                    steps: int = 20) -> tuple[str, list[Path]]:
+    """`weft eval shapes CHECKPOINT`: the table as markdown (per-task means appended)
+    and the sample grids' paths. CHECKPOINT is a training run directory (RUN/export)."""
+    table, pngs = evaluate_run(checkpoint_dir, shapes_config, n_per_category, steps, out_dir)
+    means = " | ".join(f"{t} {task_mean(table, t):.3f}" for t in TASKS)
+    return f"{table.to_markdown()}\n\nper task: {means}", pngs
+
+
+# ---- the recipe: data, VAE, config ------------------------------------------------------------
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CPU_RECIPE = CONFIGS / "shapes-train-cpu.yaml"
+GPU_RECIPE = CONFIGS / "shapes-train-gpu.yaml"
+
+
+def shapes_shards(root: str | Path, samples: dict[str, int], seed: int = 0,
+                  max_shard_bytes: int = 2_000_000) -> Path:
+    """A shapes run of `samples` per task under root/run, sharded to root/shards/shapes.
+
+    Reused when root/shards already exists. Returns the shard root (trainer's data.shards).
+    """
+    from weft.pipelines import shapes
+    from weft.pipelines.mixture import build_mixture, single_run_mixture
+
+    root = Path(root)
+    out = root / "shards"
+    if not (out / "mixture.json").is_file():
+        config = shapes.load_config(overrides={"samples": samples, "seed": seed})
+        shapes.generate_run(config, root / "run")
+        build_mixture(single_run_mixture(root / "run", max_shard_bytes=max_shard_bytes),
+                      root, out)
+    return out
+
+
+def shapes_recipe(recipe: str | Path, models_dir: str | Path, vae_dir: str | Path,
+                  shards: str | Path, run_dir: str | Path,
+                  overrides: dict[str, Any] | None = None) -> Any:
+    """A shapes training config: the recipe YAML plus this machine's paths.
+
+    The tokenizer is the tiny Qwen2.5's (`make_tiny_models(models_dir)`), the backbone
+    random-init at the recipe's sizes with the tokenizer's vocabulary; the ViT is a tiny
+    SigLIP2 under models_dir; vae_dir a trained shapes VAE (`train_shapes_vae`).
+    """
+    from transformers import AutoTokenizer
+
+    from weft.model.tiny_parts import make_tiny_siglip2
+    from weft.schemas.config_doc import deep_merge
+    from weft.stages.infer.tiny_models import make_tiny_models
+    from weft.train.config import load_train_config
+
+    models = Path(models_dir)
+    tokenizer_dir = make_tiny_models(models / "tiny")["qwen2_5"]
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
+    paths = {"run_dir": str(run_dir),
+             "model": {"vae_path": str(vae_dir),
+                       "unified": {"vit_path": str(make_tiny_siglip2(models / "siglip2")),
+                                   "llm": {"vocab_size": vocab}}},
+             "data": {"shards": str(shards), "tokenizer": str(tokenizer_dir)}}
+    return load_train_config(recipe, deep_merge(paths, overrides or {}))
+
+
+__all__ = ["CPU_RECIPE", "GPU_RECIPE", "TASKS", "Loaded", "answer", "eval_shapes_cli",
+           "evaluate_run", "generate", "load_run", "shapes_recipe", "shapes_shards",
+           "task_mean"]
