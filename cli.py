@@ -38,6 +38,8 @@ synth_app = typer.Typer(no_args_is_help=True,
                         help="Reasoning-augmented synthesis: text-to-image and edits with "
                              "reasoning traces.")
 app.add_typer(synth_app, name="synth")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate trained checkpoints.")
+app.add_typer(eval_app, name="eval")
 shapes_app = typer.Typer(no_args_is_help=True,
                          help="The shapes world: generated data where every answer is known.")
 app.add_typer(shapes_app, name="shapes")
@@ -657,6 +659,25 @@ def synth_run(
         _fail(str(exc))
     print_funnel(result["funnel"])
     console.print(f"run {result['run_id']}: outputs in {result['run_dir']}")
+
+
+@eval_app.command("shapes")
+def eval_shapes(
+    checkpoint: Annotated[Path, typer.Argument(help="a training run directory (with export/)")],
+    out: Annotated[Path | None, typer.Option("--out", help="where the table and grids go")
+                   ] = None,
+    shapes_config: Annotated[Path | None, typer.Option("--shapes-config", help="the shapes "
+                                                       "config the data used")] = None,
+    n: Annotated[int, typer.Option("--n", help="held-out items per category")] = 8,
+    steps: Annotated[int, typer.Option("--steps", help="Euler steps per image")] = 20,
+) -> None:
+    """Toy GenEval, edit, VQA and caption accuracy of a run against chance, with grids."""
+    from weft.stages.shapes.evaluate import eval_shapes_cli
+
+    markdown, pngs = eval_shapes_cli(checkpoint, out, shapes_config, n, steps)
+    console.print(markdown)
+    for path in pngs:
+        console.print(f"grid: {path}")
 
 
 @shapes_app.command("generate")
