@@ -10,7 +10,6 @@ Prefect uses its embedded server unless PREFECT_API_URL is set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import TaskRunContext
 
 from weft.pipelines import common, mixture, synth, video, web
+from weft.pipelines.common import StartedRun
 from weft.pipelines.ray_runtime import init_ray
 from weft.pipelines.shard import verify_shards
 from weft.schemas.ids import hash_of
@@ -78,23 +78,6 @@ def caption_clips(partition_ids: list[str], config_path: str | None, run_dir: st
     """Frame-transition captions for every clip dedup kept, through the request cache."""
     loaded = video.load_config(config_path)
     return video.run_captions(loaded, RunDir(Path(run_dir)), run_id)
-
-
-@dataclass
-class StartedRun:
-    """A claimed run directory with its inputs ingested and partitioned."""
-
-    run: RunDir
-    run_id: str
-    plan: list[StagePlan]
-    n_files: int
-    groups: list[list[dict[str, Any]]]
-    pids: list[str]
-    task_args: dict[str, Any]
-
-    @property
-    def storage(self) -> Path:
-        return self.run.prefect_dir / "results"
 
 
 def start_run(pipeline: str, loaded: Any, plan: list[StagePlan], input_dir: str, run_dir: str,

@@ -269,3 +269,21 @@ def ledger_row(entry: LedgerEntry, stage: StagePlan, config_hash: str,
     return entry.to_row(run_id=ctx.run_id, stage=stage.name, stage_index=ctx.stage_index,
                         stage_version=stage.version, config_hash=config_hash,
                         policy_hash=ctx.policy.policy_hash, code_version=ctx.code_version)
+
+
+@dataclass
+class StartedRun:
+    """A claimed run directory with its inputs ingested and partitioned: what the flows'
+    partition, global-step and finish helpers take, for every pipeline."""
+
+    run: RunDir
+    run_id: str
+    plan: list[StagePlan]
+    n_files: int
+    groups: list[list[dict[str, Any]]]
+    pids: list[str]
+    task_args: dict[str, Any]
+
+    @property
+    def storage(self) -> Path:
+        return self.run.prefect_dir / "results"

@@ -45,6 +45,7 @@ from weft.pipelines.common import (
     ConfigError,
     DiscoverConfig,
     InferenceConfig,
+    StartedRun,
     code_version,
     collect,
     discover,
@@ -311,26 +312,6 @@ def preflight(loaded: LoadedSynthConfig, renderer_given: bool = False) -> None:
 # start: claim the run, ingest the input files, partition (what flows.start_run does)
 # ---------------------------------------------------------------------------
 
-@dataclass
-class StartedSynth:
-    """A claimed run directory with its inputs ingested and partitioned.
-
-    Same fields as `weft.flows.StartedRun`, so the flow's helpers take it as it is.
-    """
-
-    run: RunDir
-    run_id: str
-    plan: list[StagePlan]
-    n_files: int
-    groups: list[list[dict[str, Any]]]
-    pids: list[str]
-    task_args: dict[str, Any]
-
-    @property
-    def storage(self) -> Path:
-        return self.run.prefect_dir / "results"
-
-
 def input_files(loaded: LoadedSynthConfig, input_dir: str | Path | None) -> list[Path]:
     """Discovered prompt / edit files, then the interleaved runs' output tables."""
     files = discover(Path(input_dir), loaded.config.discover) if input_dir is not None else []
@@ -338,7 +319,7 @@ def input_files(loaded: LoadedSynthConfig, input_dir: str | Path | None) -> list
 
 
 def start_run(loaded: LoadedSynthConfig, input_dir: str | Path | None, run_dir: str | Path,
-              config_path: str | None = None) -> StartedSynth:
+              config_path: str | None = None) -> StartedRun:
     """Claim the run directory, ingest every input file, partition, and start Ray."""
     files = input_files(loaded, input_dir)
     if not files:
@@ -357,7 +338,7 @@ def start_run(loaded: LoadedSynthConfig, input_dir: str | Path | None, run_dir: 
     init_ray(loaded.config.ray)
     task_args = {"config_path": config_path, "run_dir": str(run.root), "run_id": run_id,
                  "config_hash": loaded.config_hash, "code_version": code_version()}
-    return StartedSynth(run, run_id, stages, len(files), groups, pids, task_args)
+    return StartedRun(run, run_id, stages, len(files), groups, pids, task_args)
 
 
 # ---------------------------------------------------------------------------
@@ -560,7 +541,7 @@ def write_outputs(run: RunDir, rows: list[dict[str, Any]]) -> pa.Table:
 # the whole run without Prefect (tests, notebooks, a CLI without a server)
 # ---------------------------------------------------------------------------
 
-def finish(started: StartedSynth) -> list[FunnelRow]:
+def finish(started: StartedRun) -> list[FunnelRow]:
     """Check the ledger invariant and write summary/funnel.json."""
     rows = check_invariant(read_ledger(started.run.ledger_dir), started.plan,
                            n_inputs=started.n_files)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,40 @@ class SampleResult:
     caption_ids: list[int]
 
 
+@dataclass
+class Loaded:
+    """An exported run ready to sample: model, codec, tokenizer and its image spec."""
+
+    model: Any
+    codec: Any
+    tokenizer: Any
+    text: Any  # train.packer.TextTokens
+    spec: Any  # train.images.ImageSpec
+
+
+def load_run(run_dir: str | Path, weights: str = "ema") -> Loaded:
+    """A run's export (safetensors), its frozen VAE, its tokenizer and the image spec it
+    was trained with: everything that samples from a run loads it this way."""
+    from transformers import AutoTokenizer
+
+    from weft.model.vae import LatentCodec
+    from weft.train.checkpoint import load_exported
+    from weft.train.images import ImageSpec
+
+    run = Path(run_dir)
+    config = TrainConfig.model_validate_json((run / "config.json").read_text())
+    if config.model.vae_path is None:
+        raise ValueError(f"{run} was trained without a VAE: nothing to generate with")
+    model = load_exported(run / "export", weights=weights).eval()
+    codec = LatentCodec.from_pretrained(config.model.vae_path)
+    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or
+                                              config.model.llm_checkpoint,
+                                              local_files_only=True)
+    spec = ImageSpec.from_config(config.data, model.config,
+                                 model.vision.patch_size if model.vision else None)
+    return Loaded(model, codec, tokenizer, TextTokens(tokenizer), spec)
+
+
 def _to_pixels(image: torch.Tensor) -> torch.Tensor:
     """[3, H, W] in [-1, 1] -> uint8 HWC."""
     return ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
@@ -37,23 +72,13 @@ def sample_run(run_dir: str | Path, prompt: str | None = None,
                weights: str = "ema", seed: int = 0) -> SampleResult:
     """Generate an image for `prompt` (saved as PNG) and caption `image` (greedy)."""
     from PIL import Image
-    from transformers import AutoTokenizer
 
     from weft.model.inference import Interleaver
-    from weft.model.vae import LatentCodec
-    from weft.train.checkpoint import load_exported
-    from weft.train.images import ImageSpec, decode_rgb, vae_input
+    from weft.train.images import decode_rgb, vae_input
 
     run = Path(run_dir)
-    config = TrainConfig.model_validate_json((run / "config.json").read_text())
-    if config.model.vae_path is None:
-        raise ValueError(f"{run} was trained without a VAE: nothing to generate with")
-    model = load_exported(run / "export", weights=weights).eval()
-    codec = LatentCodec.from_pretrained(config.model.vae_path)
-    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or
-                                              config.model.llm_checkpoint,
-                                              local_files_only=True)
-    text = TextTokens(tokenizer)
+    loaded = load_run(run, weights)
+    model, codec, tokenizer, text = loaded.model, loaded.codec, loaded.tokenizer, loaded.text
     start, end = text.markers or (None, None)
     out = Path(out_dir) if out_dir is not None else run / "samples"
     out.mkdir(parents=True, exist_ok=True)
@@ -69,8 +94,7 @@ def sample_run(run_dir: str | Path, prompt: str | None = None,
         Image.fromarray(_to_pixels(generated).numpy()).save(path)
         result.image_path, result.image_size = path, (size[0], size[1])
     if image is not None:
-        spec = ImageSpec.from_config(config.data, model.config,
-                                     model.vision.patch_size if model.vision else None)
+        spec = loaded.spec
         pixels = vae_input(decode_rgb(Path(image).read_bytes(), spec.max_pixels), spec)
         inter = Interleaver(model, codec)
         if start is not None:

@@ -19,7 +19,6 @@ a sample's next question follows it without an eos). Rows are prefixed by task
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,43 +48,9 @@ from weft.stages.shapes.text import (
     caption_correct,
     normalize_answer,
 )
+from weft.train.sample import Loaded, load_run
 
 TASKS = ("geneval", "edit", "vqa", "caption")
-
-
-@dataclass
-class Loaded:
-    """An exported run ready to sample: model, codec, tokenizer and its image spec."""
-
-    model: Any
-    codec: Any
-    tokenizer: Any
-    text: Any  # train.packer.TextTokens
-    spec: Any  # train.images.ImageSpec
-
-
-def load_run(run_dir: str | Path, weights: str = "ema") -> Loaded:
-    """The run's export, VAE and tokenizer, as `train/sample.py` loads them."""
-    from transformers import AutoTokenizer
-
-    from weft.model.vae import LatentCodec
-    from weft.train.checkpoint import load_exported
-    from weft.train.config import TrainConfig
-    from weft.train.images import ImageSpec
-    from weft.train.packer import TextTokens
-
-    run = Path(run_dir)
-    config = TrainConfig.model_validate_json((run / "config.json").read_text())
-    if config.model.vae_path is None:
-        raise ValueError(f"{run} was trained without a VAE: nothing to generate with")
-    model = load_exported(run / "export", weights=weights).eval()
-    codec = LatentCodec.from_pretrained(config.model.vae_path)
-    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or
-                                              config.model.llm_checkpoint,
-                                              local_files_only=True)
-    spec = ImageSpec.from_config(config.data, model.config,
-                                 model.vision.patch_size if model.vision else None)
-    return Loaded(model, codec, tokenizer, TextTokens(tokenizer), spec)
 
 
 def _pixels(run: Loaded, image: np.ndarray) -> torch.Tensor:
