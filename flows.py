@@ -10,6 +10,7 @@ Prefect uses its embedded server unless PREFECT_API_URL is set.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,28 @@ def funnel_markdown(rows: list[FunnelRow]) -> str:
     return "\n".join(lines)
 
 
-def _partition_key(_: TaskRunContext, params: dict[str, Any]) -> str:
-    return hash_of("video-partition", params["partition_id"], params["config_hash"],
-                   params["code_version"], params["run_dir"])
+def partition_key(tag: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """A task cache key over one partition: (tag, partition, config hash, code, run dir)."""
+
+    def key(_: TaskRunContext, params: dict[str, Any]) -> str:
+        return hash_of(tag, params["partition_id"], params["config_hash"],
+                       params["code_version"], params["run_dir"])
+
+    return key
 
 
-def _dedup_key(_: TaskRunContext, params: dict[str, Any]) -> str:
-    return hash_of("video-dedup", sorted(params["partition_ids"]), params["config_hash"],
-                   params["code_version"], params["run_dir"])
+def global_key(tag: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """A task cache key over every partition of a run (order-free)."""
+
+    def key(_: TaskRunContext, params: dict[str, Any]) -> str:
+        return hash_of(tag, sorted(params["partition_ids"]), params["config_hash"],
+                       params["code_version"], params["run_dir"])
+
+    return key
+
+
+_partition_key = partition_key("video-partition")  # video and web partitions (tag kept)
+
 
 
 @task(name="curate-partition", cache_key_fn=_partition_key, persist_result=True,
@@ -58,7 +73,8 @@ def curate_partition(partition_id: str, group: list[dict[str, Any]], config_path
     return video.process_partition(group, loaded, RunDir(Path(run_dir)), run_id)
 
 
-@task(name="dedup-clips", cache_key_fn=_dedup_key, persist_result=True, result_serializer="json")
+@task(name="dedup-clips", cache_key_fn=global_key("video-dedup"), persist_result=True,
+      result_serializer="json")
 def dedup_clips(partition_ids: list[str], config_path: str | None, run_dir: str, run_id: str,
                 config_hash: str, code_version: str) -> dict[str, Any]:
     """Exact, perceptual and semantic dedup across every partition."""
@@ -66,12 +82,8 @@ def dedup_clips(partition_ids: list[str], config_path: str | None, run_dir: str,
     return video.run_dedup(loaded, RunDir(Path(run_dir)), run_id, partition_ids)
 
 
-def _caption_key(_: TaskRunContext, params: dict[str, Any]) -> str:
-    return hash_of("video-caption", sorted(params["partition_ids"]), params["config_hash"],
-                   params["code_version"], params["run_dir"])
 
-
-@task(name="caption-clips", cache_key_fn=_caption_key, persist_result=True,
+@task(name="caption-clips", cache_key_fn=global_key("video-caption"), persist_result=True,
       result_serializer="json")
 def caption_clips(partition_ids: list[str], config_path: str | None, run_dir: str, run_id: str,
                   config_hash: str, code_version: str) -> dict[str, Any]:
@@ -176,12 +188,8 @@ def curate_web_partition(partition_id: str, group: list[dict[str, Any]], config_
     return web.process_partition(group, partition_id, loaded, RunDir(Path(run_dir)), run_id)
 
 
-def _web_dedup_key(_: TaskRunContext, params: dict[str, Any]) -> str:
-    return hash_of("web-dedup", sorted(params["partition_ids"]), params["config_hash"],
-                   params["code_version"], params["run_dir"])
 
-
-@task(name="web-global-steps", cache_key_fn=_web_dedup_key, persist_result=True,
+@task(name="web-global-steps", cache_key_fn=global_key("web-dedup"), persist_result=True,
       result_serializer="json")
 def dedup_web_docs(partition_ids: list[str], config_path: str | None, run_dir: str,
                    run_id: str, config_hash: str, code_version: str) -> dict[str, Any]:
@@ -340,12 +348,8 @@ def train_flow(config: dict[str, Any], nproc: int = 1) -> dict[str, Any]:
 # reasoning-augmented synthesis
 # ---------------------------------------------------------------------------
 
-def _synth_partition_key(_: TaskRunContext, params: dict[str, Any]) -> str:
-    return hash_of("synth-partition", params["partition_id"], params["config_hash"],
-                   params["code_version"], params["run_dir"])
 
-
-@task(name="synth-partition", cache_key_fn=_synth_partition_key, persist_result=True,
+@task(name="synth-partition", cache_key_fn=partition_key("synth-partition"), persist_result=True,
       result_serializer="json")
 def synth_partition(partition_id: str, group: list[dict[str, Any]], config_path: str | None,
                     run_dir: str, run_id: str, config_hash: str, code_version: str
@@ -355,12 +359,8 @@ def synth_partition(partition_id: str, group: list[dict[str, Any]], config_path:
     return synth.process_partition(group, partition_id, loaded, RunDir(Path(run_dir)), run_id)
 
 
-def _synth_global_key(_: TaskRunContext, params: dict[str, Any]) -> str:
-    return hash_of("synth-global", sorted(params["partition_ids"]), params["config_hash"],
-                   params["code_version"], params["run_dir"])
 
-
-@task(name="synth-global-steps", cache_key_fn=_synth_global_key, persist_result=True,
+@task(name="synth-global-steps", cache_key_fn=global_key("synth-global"), persist_result=True,
       result_serializer="json")
 def synthesize(partition_ids: list[str], config_path: str | None, run_dir: str, run_id: str,
                config_hash: str, code_version: str) -> dict[str, Any]:
