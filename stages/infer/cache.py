@@ -28,28 +28,40 @@ create table if not exists requests (
 """
 
 
+def open_cache_db(path: Path, schema: str) -> sqlite3.Connection:
+    """A cache's sqlite file (created on first use, write-ahead log) with its table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=60)
+    db.execute("pragma journal_mode=wal")
+    db.execute(schema)
+    db.commit()
+    return db
+
+
+def select_by_keys(db: sqlite3.Connection, table: str, column: str, keys: Iterable[str]
+                   ) -> list[tuple[str, object]]:
+    """(key, column) of the given keys present in `table`, 500 keys per query."""
+    wanted = sorted(set(keys))
+    rows: list[tuple[str, object]] = []
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows += db.execute(f"select key, {column} from {table} where key in ({marks})",
+                           chunk).fetchall()
+    return rows
+
+
 class RequestCache:
     """key -> Completion, in one sqlite file (created on first use)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("pragma journal_mode=wal")
-        self._db.execute(_SCHEMA)
-        self._db.commit()
+        self._db = open_cache_db(self.path, _SCHEMA)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Completion]:
         """Cached completions of the given keys (missing keys are absent), marked cached."""
-        wanted = sorted(set(keys))
-        out: dict[str, Completion] = {}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(f"select key, response from requests where key in ({marks})",
-                                    chunk).fetchall()
-            out.update({k: Completion.from_json(json.loads(v), cached=True) for k, v in rows})
-        return out
+        return {k: Completion.from_json(json.loads(v), cached=True)
+                for k, v in select_by_keys(self._db, "requests", "response", keys)}
 
     def put_many(self, items: Iterable[tuple[str, str, str, str, Completion]]) -> int:
         """Store (key, model_id, revision, prompt_id, completion); errors are not cached."""

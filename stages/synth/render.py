@@ -14,7 +14,6 @@ renderer's provenance; edit samples keep their given target (`given`).
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import pyarrow as pa
 from weft.schemas.ids import hash_of
 from weft.schemas.ledger import LedgerEntry
 from weft.schemas.policy import Policy
+from weft.stages.infer.cache import open_cache_db, select_by_keys
 from weft.stages.synth.images import png_bytes
 from weft.stages.synth.inputs import hash_of_bytes
 from weft.stages.synth.renderers import (
@@ -60,22 +60,10 @@ class RenderCache:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("pragma journal_mode=wal")
-        self._db.execute(_SCHEMA)
-        self._db.commit()
+        self._db = open_cache_db(self.path, _SCHEMA)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
-        wanted = sorted(set(keys))
-        out: dict[str, bytes] = {}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(f"select key, png from renders where key in ({marks})",
-                                    chunk).fetchall()
-            out.update({k: bytes(v) for k, v in rows})
-        return out
+        return {k: bytes(v) for k, v in select_by_keys(self._db, "renders", "png", keys)}
 
     def put_many(self, items: Iterable[tuple[str, str, str, int, int, bytes]]) -> None:
         """Store (key, model_id, revision, height, width, png)."""
