@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import weft
-from weft.schemas.config_doc import deep_merge
+from weft.schemas.config_doc import deep_merge, validation_problems
 from weft.schemas.ids import hash_of, sha256_file
 from weft.schemas.ledger import LedgerEntry, StagePlan, write_ledger
 from weft.schemas.policy import Policy
@@ -101,7 +101,7 @@ def read_config(model: type[ConfigT], default_path: Path, path: str | Path | Non
     try:
         config = model.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc)
         raise ConfigError(f"invalid {label} config{f' {path}' if path else ''}: "
                           f"{problems}") from exc
     return RawConfig(config=config, path=path, user_keys=set(user))

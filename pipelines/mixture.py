@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from weft.pipelines.common import ConfigError, code_version
 from weft.pipelines.shard import DEFAULT_MAX_SHARD_BYTES, ShardSetSummary, write_shards
 from weft.pipelines.shard_samples import Converted, convert_run, run_pipeline
-from weft.schemas.config_doc import render_defaults
+from weft.schemas.config_doc import render_defaults, validation_problems
 from weft.schemas.ids import hash_of
 from weft.schemas.ledger import LedgerEntry, StagePlan, write_ledger
 from weft.schemas.policy import Bounds, Policy
@@ -135,7 +135,7 @@ def load_mixture(path: str | Path) -> tuple[MixtureConfig, Path]:
     try:
         config = MixtureConfig.model_validate(data or {})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc)
         raise ConfigError(f"invalid mixture {path}: {problems}") from exc
     base = path.resolve().parent
     check_sources(config, base)

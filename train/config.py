@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from weft.model.mot import UnifiedConfig
-from weft.schemas.config_doc import deep_merge
+from weft.schemas.config_doc import deep_merge, validation_problems
 
 
 class TrainConfigError(ValueError):
@@ -184,7 +184,7 @@ def load_train_config(path: str | Path | None = None,
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc)
         raise TrainConfigError(f"invalid training config{f' {path}' if path else ''}: "
                                f"{problems}") from exc
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from weft.schemas.config_doc import validation_problems
 from weft.schemas.ids import files_revision
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -135,5 +136,5 @@ def load_registry(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     try:
         return ModelRegistry.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc)
         raise ValueError(f"invalid model registry {path}: {problems}") from exc
