@@ -1,12 +1,12 @@
 """dense vs moe vs mot on the shapes world at equal training tokens (the CPU recipe, reduced).
 
-Each layer mode trains the same backbone shapes on the same shards with the same pack
-size, steps and seed, so the three see the same number of training tokens (packs close
-at `expected_tokens`; the totals are printed). Writes OUT/curves.png (CE and MSE per
+Each layer mode trains the recipe's backbone on the same shards, VAE and ViT with the
+same pack size, steps and seed, so the three see the same batches and the same number of
+training tokens (the totals are printed). Writes OUT/curves.png (CE and MSE per
 step, one line per mode; matplotlib when installed, else drawn with PIL) and
 OUT/tables.md (the shapes evaluation of each mode side by side), and prints both.
 
-    python bench/shapes_ablation.py --steps 200 --out runs/shapes-ablation
+    python bench/shapes_ablation.py --set train.steps=1000 --out runs/shapes-ablation
 """
 
 from __future__ import annotations
@@ -18,24 +18,15 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("dense", "moe", "mot")
-SAMPLES = {"t2i": 300, "vqa": 300, "caption": 100, "edit": 150, "video": 0}
-SMALL = {"hidden_size": 96, "intermediate_size": 256, "num_layers": 2, "num_heads": 4,
-         "num_kv_heads": 2}
 
 
-def train_mode(mode: str, root: Path, vae_dir: Path, shards: Path, steps: int
-               ) -> dict[str, Any]:
-    """Train one layer mode; its per-step CE / MSE, tokens and seconds."""
-    from weft.stages.shapes.evaluate import CPU_RECIPE, shapes_recipe
+def train_mode(mode: str, config: Any, out: Path) -> dict[str, Any]:
+    """Train one layer mode of `config` under out/mode; its per-step CE / MSE, tokens, time."""
     from weft.train.loop import run_training
 
-    overrides = {"steps": steps, "checkpoint": {"every_steps": steps},
-                 "metrics": {"every_steps": max(1, steps // 10), "tensorboard": False},
-                 "model": {"unified": {"llm": {**SMALL, "layer_mode": mode}}},
-                 "data": {"pack": {"expected_tokens": 512, "max_tokens": 640,
-                                   "max_tokens_per_sample": 256}}}
-    config = shapes_recipe(CPU_RECIPE, root / "models", vae_dir, shards, root / mode,
-                           overrides)
+    config = config.model_copy(deep=True)
+    config.model.unified.llm.layer_mode = mode
+    config.run_dir = str(out / mode)
     start = time.perf_counter()
     result = run_training(config)
     return {"mode": mode, "seconds": time.perf_counter() - start,
@@ -101,33 +92,40 @@ def side_by_side(tables: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    from weft.stages.shapes.evaluate import evaluate_run, shapes_shards
-    from weft.stages.shapes.vae_train import train_shapes_vae
+    from weft.stages.shapes.evaluate import evaluate_run
+    from weft.stages.shapes.recipe import CPU_RECIPE, load_recipe, prepare
+    from weft.train.__main__ import parse_overrides
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--vae-steps", type=int, default=500)
-    parser.add_argument("--eval-n", type=int, default=8, help="per category")
+    parser.add_argument("--recipe", type=Path, default=CPU_RECIPE)
+    parser.add_argument("--set", dest="set_", action="append", default=[],
+                        help="KEY=VALUE over the recipe, e.g. train.steps=1000")
     parser.add_argument("--out", type=Path, default=Path("runs/shapes-ablation"))
     args = parser.parse_args()
-    root = args.out
-    shards = shapes_shards(root / "data", SAMPLES)
-    vae_dir = train_shapes_vae(root / "vae", steps=args.vae_steps, widths=(16, 32, 32, 32))
+    recipe = load_recipe(args.recipe, parse_overrides(args.set_))
+    config, _ = prepare(recipe, args.out, print)
     runs, tables = [], {}
+    ev = recipe.eval
     for mode in MODES:
-        run = train_mode(mode, root, vae_dir, shards, args.steps)
-        tables[mode], _ = evaluate_run(root / mode, None, args.eval_n, 8)
+        run = train_mode(mode, config, args.out)
+        tables[mode], _ = evaluate_run(args.out / mode, recipe.shapes_config(),
+                                       ev.n_per_category, ev.steps, args.out / mode / "eval",
+                                       weights=ev.weights, cfg_text_scale=ev.cfg_text_scale,
+                                       cfg_image_scale=ev.cfg_image_scale)
         runs.append(run)
         print(f"{mode}: {run['tokens']} loss tokens, {run['seconds']:.0f} s, "
               f"CE {run['ce'][0]:.3f} -> {run['ce'][-1]:.3f}, "
-              f"MSE {run['mse'][0]:.3f} -> {run['mse'][-1]:.3f}")
-    png = plot(runs, root / "curves.png")
+              f"MSE {run['mse'][0]:.3f} -> {run['mse'][-1]:.3f}", flush=True)
+    png = plot(runs, args.out / "curves.png")
     text = side_by_side(tables)
-    (root / "tables.md").write_text(text + "\n")
-    (root / "curves.json").write_text(json.dumps(runs))
+    (args.out / "tables.md").write_text(text + "\n")
+    (args.out / "curves.json").write_text(json.dumps(runs))
     print(text)
-    best = min(runs, key=lambda r: sum(r["ce"][-10:]) + sum(r["mse"][-10:]))
-    print(f"curves: {png}; lowest final CE + MSE (last 10 steps): {best['mode']}")
+    tail = max(1, len(runs[0]["ce"]) // 10)
+    for run in runs:
+        print(f"{run['mode']}: mean CE {sum(run['ce'][-tail:]) / tail:.3f}, mean MSE "
+              f"{sum(run['mse'][-tail:]) / tail:.3f} over the last {tail} steps")
+    print(f"curves: {png}")
 
 
 if __name__ == "__main__":

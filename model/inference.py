@@ -178,6 +178,20 @@ class Interleaver:
         self._check_batch(images)
         return self._append_images(images, None, condition)
 
+    def append_vit_image(self, images: Sequence[torch.Tensor], condition: bool = True
+                         ) -> list[torch.Tensor]:
+        """Prefill one image per context as ViT tokens only: an image that is read, never
+        generated (how the trainer lays out VQA and caption images, `plans.understood`).
+        images: [3, H, W] in [-1, 1]. Needs a model with vision."""
+        self._check_batch(images)
+        vit = self._vit_hidden(images)
+        if vit is None:
+            raise ValueError("append_vit_image needs a model with a vision encoder "
+                             "(model.unified.vit_path)")
+        dtype = self.model.dtype
+        return self._append([_Item(v.to(dtype), ((TokenKind.VIT, len(v)),)) for v in vit],
+                            "image" if condition else None)
+
     # ---- text out ------------------------------------------------------------------------
     @torch.no_grad()
     def decode_text(self, max_new_tokens: int, eos_id: int | None = None,

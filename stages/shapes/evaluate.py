@@ -109,29 +109,17 @@ def answer(run: Loaded, images: Sequence[np.ndarray], questions: Sequence[str],
                             vit_max_patches=run.spec.vit_max_patches)
         if start:
             inter.append_text([start] * len(chunk))
-        _append_understood(inter, [_pixels(run, images[i]) for i in chunk])
+        pixels = [_pixels(run, images[i]) for i in chunk]
+        if run.model.vision is not None:
+            inter.append_vit_image(pixels)
+        else:  # a model without vision reads images as latents
+            inter.append_image(pixels)
         inter.append_text([end + run.text.encode(questions[i]) for i in chunk])
         for ids in inter.decode_text(max_tokens, eos_id=run.text.eos):
             stops = [i for i, t in enumerate(ids) if t in (run.text.eos, *start)]
             ids = ids[:stops[0]] if stops else ids
             out.append(run.tokenizer.decode(ids, skip_special_tokens=True))
     return out
-
-
-def _append_understood(inter: Any, images: Sequence[torch.Tensor]) -> None:
-    """Prefill images as ViT tokens only: how the trainer lays out a VQA / caption image
-    (`plans._Builder.understood`), unlike `Interleaver.append_image` (latents + ViT).
-    Uses the Interleaver's internals until it offers this itself; a model without
-    vision falls back to `append_image`."""
-    from weft.model.inference import _Item
-    from weft.model.packed import TokenKind
-
-    vit = inter._vit_hidden(images)
-    if vit is None:
-        inter.append_image(images)
-        return
-    dtype = inter.model.dtype
-    inter._append([_Item(v.to(dtype), ((TokenKind.VIT, len(v)),)) for v in vit], "image")
 
 
 def _first_word(text: str) -> str:
@@ -159,14 +147,16 @@ def evaluate_run(train_run_dir: str | Path, shapes_config: Any = None,
                  n_per_category: int = 8, steps: int = 20, out_dir: str | Path | None = None,
                  tasks: Sequence[str] = TASKS, seed: int = 0, batch_size: int = 8,
                  weights: str = "ema", chance_n: int = 300,
+                 vqa_types: Sequence[str] = QUESTION_TYPES,
                  **guidance: Any) -> tuple[EvalTable, list[Path]]:
     """Score a run on held-out shapes tasks; write sample grids (PNG) and the table.
 
     shapes_config: a `ShapesConfig`, a `SceneConfig`, a YAML path or None (defaults);
     only its scene settings matter. n_per_category: prompts per GenEval category, edits
     per op, VQA scenes (x3 questions) and captions are this many each. steps: Euler
-    steps per generated image. guidance: passed to `Interleaver.generate_image`
-    (cfg_text_scale, cfg_image_scale, ...). Returns the table and the PNG paths.
+    steps per generated image. vqa_types: the question types asked. guidance: passed to
+    `Interleaver.generate_image` (cfg_text_scale, cfg_image_scale, ...). Returns the
+    table and the PNG paths.
     """
     cfg = _scene_config(shapes_config)
     run = load_run(train_run_dir, weights)
@@ -200,7 +190,8 @@ def evaluate_run(train_run_dir: str | Path, shapes_config: Any = None,
                            in zip(edits, sources, images, strict=True)][:16],
                           out / "edits.png"))
     if "vqa" in tasks:
-        pairs = [(scene, qa) for scene, qas in eval_vqa(cfg, n_per_category, seed)
+        pairs = [(scene, qa) for scene, qas in eval_vqa(cfg, n_per_category, seed,
+                                                             types=tuple(vqa_types))
                  for qa in qas]
         answers = answer(run, [render(s) for s, _ in pairs], [qa.question for _, qa in pairs],
                          4, batch_size)
@@ -247,58 +238,5 @@ def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = Non
     return f"{table.to_markdown()}\n\nper task: {means}", pngs
 
 
-# ---- the recipe: data, VAE, config ------------------------------------------------------------
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-CPU_RECIPE = CONFIGS / "shapes-train-cpu.yaml"
-GPU_RECIPE = CONFIGS / "shapes-train-gpu.yaml"
-
-
-def shapes_shards(root: str | Path, samples: dict[str, int], seed: int = 0,
-                  max_shard_bytes: int = 2_000_000) -> Path:
-    """A shapes run of `samples` per task under root/run, sharded to root/shards/shapes.
-
-    Reused when root/shards already exists. Returns the shard root (trainer's data.shards).
-    """
-    from weft.pipelines import shapes
-    from weft.pipelines.mixture import build_mixture, single_run_mixture
-
-    root = Path(root)
-    out = root / "shards"
-    if not (out / "mixture.json").is_file():
-        config = shapes.load_config(overrides={"samples": samples, "seed": seed})
-        shapes.generate_run(config, root / "run")
-        build_mixture(single_run_mixture(root / "run", max_shard_bytes=max_shard_bytes),
-                      root, out)
-    return out
-
-
-def shapes_recipe(recipe: str | Path, models_dir: str | Path, vae_dir: str | Path,
-                  shards: str | Path, run_dir: str | Path,
-                  overrides: dict[str, Any] | None = None) -> Any:
-    """A shapes training config: the recipe YAML plus this machine's paths.
-
-    The tokenizer is the tiny Qwen2.5's (`make_tiny_models(models_dir)`), the backbone
-    random-init at the recipe's sizes with the tokenizer's vocabulary; the ViT is a tiny
-    SigLIP2 under models_dir; vae_dir a trained shapes VAE (`train_shapes_vae`).
-    """
-    from transformers import AutoTokenizer
-
-    from weft.model.tiny_parts import make_tiny_siglip2
-    from weft.schemas.config_doc import deep_merge
-    from weft.stages.infer.tiny_models import make_tiny_models
-    from weft.train.config import load_train_config
-
-    models = Path(models_dir)
-    tokenizer_dir = make_tiny_models(models / "tiny")["qwen2_5"]
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
-    paths = {"run_dir": str(run_dir),
-             "model": {"vae_path": str(vae_dir),
-                       "unified": {"vit_path": str(make_tiny_siglip2(models / "siglip2")),
-                                   "llm": {"vocab_size": vocab}}},
-             "data": {"shards": str(shards), "tokenizer": str(tokenizer_dir)}}
-    return load_train_config(recipe, deep_merge(paths, overrides or {}))
-
-
-__all__ = ["CPU_RECIPE", "GPU_RECIPE", "TASKS", "Loaded", "answer", "eval_shapes_cli",
-           "evaluate_run", "generate", "load_run", "shapes_recipe", "shapes_shards",
-           "task_mean"]
+__all__ = ["TASKS", "Loaded", "answer", "eval_shapes_cli", "evaluate_run", "generate",
+           "load_run", "task_mean"]

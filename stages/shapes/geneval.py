@@ -227,14 +227,14 @@ def eval_edits(cfg: SceneConfig, per_op: int, seed: int = 0) -> list[Edit]:
     return out
 
 
-def eval_vqa(cfg: SceneConfig, n: int, seed: int = 0, per_image: int = 3
-             ) -> list[tuple[Scene, list[QA]]]:
-    """n scenes, each with its questions (types drawn uniformly)."""
+def eval_vqa(cfg: SceneConfig, n: int, seed: int = 0, per_image: int = 3,
+             types: tuple[str, ...] = QUESTION_TYPES) -> list[tuple[Scene, list[QA]]]:
+    """n scenes, each with up to per_image questions (types drawn uniformly from `types`)."""
     out = []
     for i in range(n):
         rng = _rng(seed, 2, i)
         scene = sample_scene(rng, cfg)
-        out.append((scene, vqa_pairs(rng, scene, cfg, per_image)))
+        out.append((scene, vqa_pairs(rng, scene, cfg, per_image, types)))
     return out
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from weft.stages.shapes.render import render
 from weft.stages.shapes.scene import SceneConfig, sample_scene
@@ -90,11 +91,12 @@ def latent_stats(vae: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
 def train_shapes_vae(out_dir: str | Path, image_size: int = 64, steps: int = 500,
                      seed: int = 0, batch_size: int = 16, lr: float = 2e-3,
                      kl_weight: float = 1e-3, widths: tuple[int, ...] = (16, 32, 32, 32),
-                     scene: SceneConfig | None = None, log_every: int = 0) -> Path:
+                     scene: SceneConfig | None = None, log_every: int = 0,
+                     progress: bool = False) -> Path:
     """Train a shapes VAE and save it to `out_dir` (reused when already complete).
 
     The scenes follow `scene` (default: the shapes world's defaults at `image_size`).
-    Returns `out_dir`, ready for `LatentCodec.from_pretrained`.
+    Returns `out_dir`, ready for `LatentCodec.from_pretrained`. progress: a tqdm bar.
     """
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / STATS_FILE).is_file():
@@ -108,6 +110,7 @@ def train_shapes_vae(out_dir: str | Path, image_size: int = 64, steps: int = 500
     history: list[float] = []
     l1s: list[float] = []
     start = time.perf_counter()
+    bar = tqdm(total=steps, desc="shapes VAE", unit="step", disable=not progress)
     for step in range(steps):
         loss, l1 = _loss(vae, render_batch(rng, cfg, batch_size), kl_weight)
         opt.zero_grad(set_to_none=True)
@@ -117,8 +120,12 @@ def train_shapes_vae(out_dir: str | Path, image_size: int = 64, steps: int = 500
         sched.step()
         history.append(float(loss.detach()))
         l1s.append(l1)
+        bar.update()
+        if progress and (step + 1) % 50 == 0:
+            bar.set_postfix(loss=f"{history[-1]:.4f}", l1=f"{l1:.4f}")
         if log_every and (step + 1) % log_every == 0:
             print(f"vae step {step + 1}/{steps} loss {history[-1]:.4f} l1 {l1:.4f}")
+    bar.close()
     vae.eval()
     shift, scale = latent_stats(vae, render_batch(rng, cfg, 64))
     vae.register_to_config(scaling_factor=scale, shift_factor=shift)

@@ -69,6 +69,9 @@ def _full_forward(tiny, items: list, latents: list[torch.Tensor] | None = None
     for item in items:
         if isinstance(item, list):
             builder.add_text(item)
+        elif isinstance(item, tuple):  # ("vit", image): read only, as VQA plans lay it out
+            patches, grid = prepare_vit_image((item[1] + 1) / 2, 16, VIT_PATCHES, max_side=16)
+            builder.add_vit_image(patches, grid)
         else:
             patches, grid = prepare_vit_image((item + 1) / 2, 16, VIT_PATCHES, max_side=16)
             builder.add_vae_image(item, noised=False)
@@ -115,6 +118,19 @@ def test_prefill_in_appends_matches_one_packed_forward(tiny) -> None:
     # one RoPE position for the whole image (ViT and latents), text continues after it
     positions = inter.contexts[0].tracks["full"].positions.tolist()
     assert positions == [0, 1, 2, 3] + [4] * len(parts[1]) + [5, 6, 7]
+
+
+def test_a_vit_only_image_prefills_like_the_packed_vqa_layout(tiny) -> None:
+    first, image, question = [2, 4, 6], _image(3, 32, 32), [10, 12]
+    inter = _interleaver(tiny)
+    parts = [inter.append_text([first])[0], inter.append_vit_image([image])[0],
+             inter.append_text([question])[0]]
+    full = _full_forward(tiny, [first, ("vit", image), question])
+    n_vit = vit_grid_for(32, 32, 16, VIT_PATCHES)
+    assert len(parts[1]) == n_vit[0] * n_vit[1]  # ViT tokens only, no latents
+    torch.testing.assert_close(torch.cat(parts), full, atol=ATOL, rtol=0)
+    assert inter.contexts[0].tracks["full"].positions.tolist() == \
+        [0, 1, 2] + [3] * len(parts[1]) + [4, 5]
 
 
 def test_eos_stops_a_context_and_stays_in_it(tiny) -> None:

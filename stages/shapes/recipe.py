@@ -1,0 +1,238 @@
+"""A shapes-world recipe: one YAML says what data, VAE, ViT, training and evaluation to run.
+
+`run_recipe` does the five steps in order and reports how long each took:
+
+    data   a shapes run (configs/shapes.yaml + the recipe's `shapes` section) -> shards
+    vae    a FLUX-interface VAE trained on renders (`vae_train.train_shapes_vae`)
+    vit    a tiny random-init SigLIP2 (its weights train with the model)
+    train  the recipe's `train` section over configs/train.yaml + this machine's paths
+    eval   the shapes evaluation of the trained export (table with chance, PNG grids)
+
+Data, VAE and ViT are reused when already under OUT (each is written complete or not at
+all, in a directory named by a hash of its settings), so a second run with other
+training settings only trains and evaluates, and a changed VAE section trains a new VAE. Every
+section is validated at load, before any work: a typo in `train` fails at start-up with
+the training config's own message, not after the VAE has trained for ten minutes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from weft.schemas.config_doc import deep_merge, validation_problems
+from weft.schemas.ids import hash_of
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CPU_RECIPE = CONFIGS / "shapes-recipe-cpu.yaml"
+GPU_RECIPE = CONFIGS / "shapes-recipe-gpu.yaml"
+# Placeholders that make a `train` section checkable before the real paths exist.
+_CHECK_PATHS = {"data": {"shards": "-", "tokenizer": "-"}}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: reported once, at start-up."""
+
+
+class VaeRecipe(BaseModel):
+    """The shapes VAE: FLUX's interface (16 latent channels, 8x down), small widths."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(1500, gt=0, description="training steps on fresh renders")
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    widths: list[int] = Field([16, 32, 32, 32], min_length=4, max_length=4,
+                              description="block widths (4 blocks: 8x down)")
+
+
+class VitRecipe(BaseModel):
+    """The understanding ViT: a random-init SigLIP2 whose weights train with the model.
+
+    Patch 8 on 64 px renders gives an 8 x 8 grid: a shape then fills whole patches (with
+    patch 16 a shape is a corner of one of 16 patches and the model takes several times
+    longer to read colours at all).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    patch_size: int = Field(8, gt=0)
+
+
+class EvalRecipe(BaseModel):
+    """The held-out evaluation (`evaluate.evaluate_run`) after training."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_per_category: int = Field(16, gt=0, description="prompts per GenEval category, edits "
+                                                      "per op, VQA scenes, captions")
+    steps: int = Field(20, gt=0, description="Euler steps per generated image")
+    cfg_text_scale: float = Field(4.0, ge=1.0)
+    cfg_image_scale: float = Field(1.5, ge=1.0)
+    weights: str = Field("ema", pattern="^(ema|raw)$", description="ema | raw export")
+
+
+class ShapesRecipe(BaseModel):
+    """Everything one shapes-world experiment runs, in one file."""
+
+    model_config = ConfigDict(extra="forbid")
+    shapes: dict[str, Any] = Field(default_factory=dict,
+                                   description="overrides over configs/shapes.yaml")
+    vae: VaeRecipe = Field(default_factory=VaeRecipe)
+    vit: VitRecipe = Field(default_factory=VitRecipe)
+    train: dict[str, Any] = Field(default_factory=dict,
+                                  description="overrides over configs/train.yaml")
+    eval: EvalRecipe = Field(default_factory=EvalRecipe)
+
+    def shapes_config(self) -> Any:
+        from weft.pipelines.shapes import load_config
+
+        return load_config(overrides=self.shapes)
+
+    def train_config(self, paths: dict[str, Any] | None = None) -> Any:
+        """The training config: the `train` section with `paths` merged in."""
+        from weft.train.config import load_train_config
+
+        return load_train_config(None, deep_merge(self.train, paths or _CHECK_PATHS))
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> ShapesRecipe:
+    """The recipe at `path` (+ overrides), every section checked; RecipeError when bad."""
+    from weft.pipelines.common import ConfigError
+    from weft.train.config import TrainConfigError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise RecipeError(f"cannot read shapes recipe {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"shapes recipe {path} must be a mapping")
+    try:
+        recipe = ShapesRecipe.model_validate(deep_merge(data, overrides or {}))
+    except ValidationError as exc:
+        raise RecipeError(f"invalid shapes recipe {path}: {validation_problems(exc)}") from exc
+    try:
+        recipe.shapes_config()
+        recipe.train_config()
+    except (ConfigError, TrainConfigError) as exc:
+        raise RecipeError(f"shapes recipe {path}: {exc}") from exc
+    return recipe
+
+
+# ---- the steps ---------------------------------------------------------------------------------
+def shapes_shards(root: str | Path, shapes_config: Any,
+                  max_shard_bytes: int = 2_000_000) -> Path:
+    """A shapes run under root/run, sharded to root/shards (reused when there)."""
+    from weft.pipelines import shapes
+    from weft.pipelines.mixture import build_mixture, single_run_mixture
+
+    root = Path(root)
+    out = root / "shards"
+    if not (out / "mixture.json").is_file():
+        shapes.generate_run(shapes_config, root / "run")
+        build_mixture(single_run_mixture(root / "run", max_shard_bytes=max_shard_bytes),
+                      root, out)
+    return out
+
+
+def shapes_vit(models_dir: str | Path, vit: VitRecipe) -> Path:
+    """The recipe's random-init SigLIP2 under models_dir (built once, seeded)."""
+    from weft.model.tiny_parts import make_tiny_siglip2
+
+    name = f"siglip2-h{vit.hidden_size}-l{vit.num_layers}-p{vit.patch_size}"
+    return make_tiny_siglip2(Path(models_dir) / name, hidden=vit.hidden_size,
+                             layers=vit.num_layers, patch=vit.patch_size)
+
+
+def machine_paths(models_dir: str | Path, vae_dir: str | Path, vit_dir: str | Path,
+                  shards: str | Path, run_dir: str | Path) -> dict[str, Any]:
+    """The training config's local paths: the tiny Qwen2.5 tokenizer (and its vocabulary
+    size for the random-init backbone), the ViT, the VAE, the shards, the run directory."""
+    from transformers import AutoTokenizer
+
+    from weft.stages.infer.tiny_models import make_tiny_models
+
+    tokenizer_dir = make_tiny_models(Path(models_dir) / "tiny")["qwen2_5"]
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
+    return {"run_dir": str(run_dir),
+            "model": {"vae_path": str(vae_dir),
+                      "unified": {"vit_path": str(vit_dir), "llm": {"vocab_size": vocab}}},
+            "data": {"shards": str(shards), "tokenizer": str(tokenizer_dir)}}
+
+
+@dataclass
+class RecipeResult:
+    """What a recipe run produced and how long each step took (seconds)."""
+
+    out: Path
+    table: Any
+    pngs: list[Path]
+    seconds: dict[str, float] = field(default_factory=dict)
+    history: list[Any] = field(default_factory=list)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
+def prepare(recipe: ShapesRecipe, out: str | Path,
+            log: Callable[[str], None] = lambda _: None,
+            progress: bool = False) -> tuple[Any, dict[str, float]]:
+    """Data, VAE and ViT under OUT; the training config (run_dir OUT/train) and timings.
+    progress: tqdm bars for the long steps."""
+    from weft.stages.shapes.vae_train import train_shapes_vae
+
+    out = Path(out)
+    seconds: dict[str, float] = {}
+    shapes_config = recipe.shapes_config()
+    start = time.perf_counter()
+    shards = shapes_shards(out / f"data-{shapes_config.config_hash[:12]}", shapes_config)
+    seconds["data"] = time.perf_counter() - start
+    log(f"data: {shards} ({seconds['data']:.0f} s)")
+    start = time.perf_counter()
+    vae_key = hash_of("shapes-vae", recipe.vae.model_dump(mode="json"),
+                      shapes_config.scene.model_dump(mode="json"), length=12)
+    vae = train_shapes_vae(out / f"vae-{vae_key}", image_size=shapes_config.scene.image_size,
+                           steps=recipe.vae.steps, batch_size=recipe.vae.batch_size,
+                           lr=recipe.vae.lr, widths=tuple(recipe.vae.widths),
+                           scene=shapes_config.scene, progress=progress)
+    seconds["vae"] = time.perf_counter() - start
+    log(f"vae: {vae} ({seconds['vae']:.0f} s)")
+    start = time.perf_counter()
+    vit = shapes_vit(out / "models", recipe.vit)
+    paths = machine_paths(out / "models", vae, vit, shards, out / "train")
+    seconds["models"] = time.perf_counter() - start
+    return recipe.train_config(paths), seconds
+
+
+def run_recipe(recipe: ShapesRecipe, out: str | Path,
+               log: Callable[[str], None] = lambda _: None,
+               progress: bool = False) -> RecipeResult:
+    """Data, VAE, ViT, training and evaluation; the table and grids under OUT/eval."""
+    from weft.stages.shapes.evaluate import evaluate_run
+    from weft.train.loop import run_training
+
+    out = Path(out)
+    config, seconds = prepare(recipe, out, log, progress)
+    start = time.perf_counter()
+    result = run_training(config)
+    seconds["train"] = time.perf_counter() - start
+    log(f"train: {config.steps} steps ({seconds['train']:.0f} s)")
+    start = time.perf_counter()
+    ev = recipe.eval
+    table, pngs = evaluate_run(config.run_dir, recipe.shapes_config(), ev.n_per_category,
+                               ev.steps, out / "eval", weights=ev.weights,
+                               cfg_text_scale=ev.cfg_text_scale,
+                               cfg_image_scale=ev.cfg_image_scale)
+    seconds["eval"] = time.perf_counter() - start
+    return RecipeResult(out, table, pngs, seconds, list(result.history))
+
+
+__all__ = ["CPU_RECIPE", "GPU_RECIPE", "EvalRecipe", "RecipeError", "RecipeResult",
+           "ShapesRecipe", "VaeRecipe", "VitRecipe", "load_recipe", "machine_paths",
+           "prepare", "run_recipe", "shapes_shards", "shapes_vit"]

@@ -1,0 +1,69 @@
+"""Shapes recipes: both shipped YAMLs load, every section is checked at start-up, and the
+ViT a recipe asks for is the one built."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from weft.stages.shapes.recipe import (
+    CPU_RECIPE,
+    GPU_RECIPE,
+    RecipeError,
+    VitRecipe,
+    load_recipe,
+    shapes_vit,
+)
+
+
+@pytest.mark.parametrize("path", [CPU_RECIPE, GPU_RECIPE])
+def test_shipped_recipes_load_with_every_section_valid(path) -> None:
+    recipe = load_recipe(path)
+    train = recipe.train_config({"data": {"shards": "s", "tokenizer": "t"}})
+    assert train.steps > 0 and train.model.unified.llm.layer_mode == "mot"
+    shapes = recipe.shapes_config()
+    assert shapes.samples.t2i > 0 and shapes.samples.vqa > 0 and shapes.samples.edit > 0
+    # a 64 px render must give the ViT an 8 x 8 grid within the connector's table
+    assert shapes.scene.image_size // recipe.vit.patch_size <= train.model.unified.vit_max_grid
+    assert train.data.images.vit_max_patches == (shapes.scene.image_size
+                                                 // recipe.vit.patch_size) ** 2
+
+
+def test_the_cpu_recipe_fits_its_budget_on_paper() -> None:
+    recipe = load_recipe(CPU_RECIPE)
+    train = recipe.train_config()
+    assert train.model.unified.llm.attention_backend == "dense"  # CPU: no flex backward
+    assert train.steps * train.data.pack.expected_tokens <= 3_000_000
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"train": {"optim": {"lrr": 1.0}}}, "optim.lrr"),
+    ({"shapes": {"samples": {"t2i": -1}}}, "samples.t2i"),
+    ({"vae": {"widths": [8, 8]}}, "vae.widths"),
+    ({"eval": {"weights": "best"}}, "eval.weights"),
+    ({"trian": {}}, "trian"),
+])
+def test_a_bad_section_fails_at_load_with_its_key(overrides, words) -> None:
+    with pytest.raises(RecipeError) as err:
+        load_recipe(CPU_RECIPE, overrides)
+    assert words in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unreadable_recipe_is_one_clear_error(tmp_path) -> None:
+    bad = tmp_path / "r.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="cannot read"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_the_vit_has_the_recipes_patch_and_width(tmp_path) -> None:
+    path = shapes_vit(tmp_path, VitRecipe(hidden_size=32, num_layers=1, patch_size=8))
+    config = json.loads((path / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["patch_size"]) == \
+        (32, 1, 8)
+    other = shapes_vit(tmp_path, VitRecipe(hidden_size=32, num_layers=1, patch_size=16))
+    assert other != path
