@@ -27,6 +27,7 @@ from weft.schemas.ledger import LedgerEntry, StagePlan, write_ledger
 from weft.schemas.policy import Policy
 from weft.schemas.run_dir import RunDir, write_atomic
 from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, RunContext, ledger_rows_of
+from weft.stages.infer.registry import ModelRegistry, load_registry
 
 INGEST = StagePlan("ingest", "1", "map")
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -117,6 +118,30 @@ def read_policy(path: Path, stages: set[str]) -> Policy:
     if unknown:
         raise ConfigError(f"policy {path} has rules for unknown stages: {sorted(unknown)}")
     return policy
+
+
+def resolve_policy_and_models(raw: RawConfig, policy_stages: set[str], used: set[str]
+                              ) -> tuple[Policy, ModelRegistry, dict[str, Any]]:
+    """A model-using pipeline's policy (its rules checked against `policy_stages`) and
+    model registry, and its config as JSON with both resolved in: what the output hash
+    covers, so editing a policy file or a used model's entry changes the hash, and an
+    unused model's entry (or any concurrency / licence field) does not."""
+    config = raw.config
+    policy_path = raw.resolve(config.policy, "policy")
+    policy = read_policy(policy_path, policy_stages)
+    registry_path = raw.resolve(config.models, "models")
+    try:
+        registry = load_registry(registry_path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    resolved = config.model_dump(mode="json")
+    resolved.update(policy=str(policy_path), policy_resolved=policy.model_dump(mode="json"),
+                    models=str(registry_path),
+                    models_resolved={name: {k: v for k, v in spec.model_dump(mode="json").items()
+                                            if k not in ("concurrency", "licence")}
+                                     for name, spec in sorted(registry.models.items())
+                                     if name in used})
+    return policy, registry, resolved
 
 
 def output_hash(pipeline: str, resolved: dict[str, Any], not_outputs: tuple[str, ...],

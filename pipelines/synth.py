@@ -57,7 +57,7 @@ from weft.pipelines.common import (
     partitions,
     prune_stale_ledger,
     read_config,
-    read_policy,
+    resolve_policy_and_models,
     run_context,
     write_partition,
     write_table_atomic,
@@ -78,7 +78,7 @@ from weft.schemas.run_dir import RunDir, write_atomic
 from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, ledger_rows_of
 from weft.stages.infer.cache import RequestCache
 from weft.stages.infer.prompts import load_prompt
-from weft.stages.infer.registry import ModelRegistry, load_registry, model_revision
+from weft.stages.infer.registry import ModelRegistry, model_revision
 from weft.stages.infer.runner import InferenceStats, run_requests
 from weft.stages.infer.types import ChatRequest, Completion
 from weft.stages.synth.answers import decide
@@ -230,22 +230,10 @@ def load_config(path: str | Path | None = None,
     """Defaults, the user's YAML, overrides; any problem is one ConfigError."""
     raw = read_config(SynthPipelineConfig, DEFAULT_CONFIG, path, overrides, PIPELINE)
     config: SynthPipelineConfig = raw.config
-    policy_path = raw.resolve(config.policy, "policy")
-    policy = read_policy(policy_path, {s.name for s in STAGES})
-    registry_path = raw.resolve(config.models, "models")
-    try:
-        registry = load_registry(registry_path)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    policy, registry, resolved = resolve_policy_and_models(raw, {s.name for s in STAGES},
+                                                           config.models_used())
     interleaved = [str(raw.resolve(p, "interleaved_runs")) for p in config.interleaved_runs]
-    resolved = config.model_dump(mode="json")
-    used = config.models_used()
-    resolved.update(policy=str(policy_path), policy_resolved=policy.model_dump(mode="json"),
-                    models=str(registry_path), interleaved_runs=interleaved,
-                    models_resolved={name: {k: v for k, v in spec.model_dump(mode="json").items()
-                                            if k not in ("concurrency", "licence")}
-                                     for name, spec in sorted(registry.models.items())
-                                     if name in used})
+    resolved.update(interleaved_runs=interleaved)
     config_hash = output_hash(PIPELINE, resolved,
                               ("ray", "policy", "models", "inference", "interleaved_runs"),
                               [ParseStage.name, RENDER.name])

@@ -38,7 +38,7 @@ from weft.pipelines.common import (
     load_partitions,
     output_hash,
     read_config,
-    read_policy,
+    resolve_policy_and_models,
     run_context,
     write_partition,
     write_table_atomic,
@@ -52,7 +52,7 @@ from weft.schemas.run_dir import RunDir
 from weft.stages.base import DECISION_COLUMN, LEDGER_COLUMN, Stage, ledger_rows_of
 from weft.stages.infer.cache import RequestCache
 from weft.stages.infer.prompts import load_prompt
-from weft.stages.infer.registry import ModelRegistry, load_registry, model_revision
+from weft.stages.infer.registry import ModelRegistry, model_revision
 from weft.stages.infer.runner import InferenceStats, run_requests
 from weft.stages.infer.types import ChatRequest, Completion, SamplingParams
 from weft.stages.web.enrich import (
@@ -178,23 +178,10 @@ def load_config(path: str | Path | None = None,
     """Defaults, the user's YAML, overrides; any problem is one ConfigError."""
     raw = read_config(WebPipelineConfig, DEFAULT_CONFIG, path, overrides, PIPELINE)
     config: WebPipelineConfig = raw.config
-    policy_path = raw.resolve(config.policy, "policy")
     stages = {s.name for s in ALL_PARTITION_STAGES} | {*GLOBAL_STAGE_NAMES, BAND_RULES,
                                                        f"{ImageRulesStage.name}_per_image"}
-    policy = read_policy(policy_path, stages)
-    registry_path = raw.resolve(config.models, "models")
-    try:
-        registry = load_registry(registry_path)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
     used = {config.llm_filter.model, config.caption_first.model, config.summarize.model}
-    resolved = config.model_dump(mode="json")
-    resolved.update(policy=str(policy_path), policy_resolved=policy.model_dump(mode="json"),
-                    models=str(registry_path),
-                    models_resolved={name: {k: v for k, v in spec.model_dump(mode="json").items()
-                                            if k not in ("concurrency", "licence")}
-                                     for name, spec in sorted(registry.models.items())
-                                     if name in used})
+    policy, registry, resolved = resolve_policy_and_models(raw, stages, used)
     config_hash = output_hash(PIPELINE, resolved, ("ray", "policy", "models", "inference"),
                               [s.name for s in (*ALL_PARTITION_STAGES, StructureStage)])
     return LoadedWebConfig(config=config, policy=policy, registry=registry, resolved=resolved,
