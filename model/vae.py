@@ -69,8 +69,9 @@ class LatentCodec:
     @classmethod
     def from_pretrained(cls, path: str | Path, sample_posterior: bool = False,
                         dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu") -> LatentCodec:
-        """Load from a local directory: the VAE itself or a pipeline with a `vae/` folder."""
+                        device: torch.device | str = "cpu", patch: int = 2) -> LatentCodec:
+        """Load from a local directory: the VAE itself or a pipeline with a `vae/` folder.
+        patch: latent patch side of the model it serves (`UnifiedConfig.latent_patch`)."""
         from diffusers import AutoencoderKL
 
         path = Path(path)
@@ -80,7 +81,7 @@ class LatentCodec:
             raise FileNotFoundError(f"no VAE checkpoint at {path} (config.json missing); "
                                     "point the model config at a local AutoencoderKL directory")
         vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
-        return cls(vae.to(device), sample_posterior=sample_posterior)
+        return cls(vae.to(device), sample_posterior=sample_posterior, patch=patch)
 
     @property
     def device(self) -> torch.device:

@@ -218,7 +218,8 @@ def build_codec(config: TrainConfig, info: DistInfo, dtype: torch.dtype) -> Any:
         return None
     from weft.model.vae import LatentCodec
 
-    return LatentCodec.from_pretrained(config.model.vae_path, dtype=dtype, device=info.device)
+    return LatentCodec.from_pretrained(config.model.vae_path, dtype=dtype, device=info.device,
+                                       patch=config.model.unified.latent_patch)
 
 
 # ---- the trainer --------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def load_run(run_dir: str | Path, weights: str = "ema") -> Loaded:
     if config.model.vae_path is None:
         raise ValueError(f"{run} was trained without a VAE: nothing to generate with")
     model = load_exported(run / "export", weights=weights).eval()
-    codec = LatentCodec.from_pretrained(config.model.vae_path)
+    codec = LatentCodec.from_pretrained(config.model.vae_path,
+                                        patch=model.config.latent_patch)
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or
                                               config.model.llm_checkpoint,
                                               local_files_only=True)

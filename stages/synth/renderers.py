@@ -201,7 +201,8 @@ class MoTRenderer:
         path = Path(os.path.expanduser(config.path))
         model = load_exported(path, device=config.device)
         codec = LatentCodec.from_pretrained(os.path.expanduser(config.vae_path),
-                                            device=config.device)
+                                            device=config.device,
+                                            patch=model.config.latent_patch)
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             os.path.expanduser(config.tokenizer_path), local_files_only=True)
 

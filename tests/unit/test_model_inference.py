@@ -320,3 +320,19 @@ def test_edit_runs_with_both_guidances(tiny) -> None:
     # full: source, instruction, result; text_uncond: source and result; uncond: nothing
     assert len(tracks["full"]) == len(tracks["text_uncond"]) + 2
     assert len(tracks["uncond"]) == 0
+
+
+def test_a_model_with_latent_patch_1_samples_through_a_codec_loaded_for_it(tmp_path) -> None:
+    vae = make_tiny_vae(tmp_path / "vae")
+    llm = MoTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                    num_heads=2, num_kv_heads=1, attention_backend="dense")
+    config = UnifiedConfig(llm=llm, latent_patch=1, latent_max_grid=16)
+    torch.manual_seed(0)
+    model = MoTModel.build(config).eval()
+    codec = LatentCodec.from_pretrained(vae, patch=model.config.latent_patch)
+    assert (codec.stride, codec.token_dim) == (config.vae_stride, config.latent_token_dim)
+    inter = Interleaver(model, codec, 1)
+    inter.append_text([[1, 2, 3]])
+    image = inter.generate_image(32, 32, steps=2)[0]
+    assert image.shape == (3, 32, 32)
+    assert len(inter.contexts[0].tracks["full"].positions) == 3 + (32 // 8) ** 2
