@@ -722,13 +722,17 @@ def shapes_recipe(
     from weft.stages.shapes.evaluate import task_mean
     from weft.stages.shapes.recipe import RecipeError, load_recipe, run_recipe
     from weft.train.__main__ import parse_overrides, setup_logging
+    from weft.train.config import TrainConfigError
 
     try:
         loaded = load_recipe(recipe, parse_overrides(set_ or []))
     except RecipeError as exc:
         _fail(str(exc))
     setup_logging()  # the trainer's metric lines
-    result = run_recipe(loaded, out, log=console.print, progress=True)
+    try:
+        result = run_recipe(loaded, out, log=console.print, progress=True)
+    except TrainConfigError as exc:  # e.g. OUT/train holds a run of another model
+        _fail(str(exc))
     console.print(result.table.to_markdown())
     table = Table(title=f"shapes recipe {recipe.name}")
     table.add_column("step")

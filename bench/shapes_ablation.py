@@ -34,45 +34,69 @@ def train_mode(mode: str, config: Any, out: Path) -> dict[str, Any]:
             "tokens": sum(h.ce_tokens + h.mse_tokens for h in result.history)}
 
 
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (per-step losses of a small batch are noisy)."""
+    out, total = [], 0.0
+    for k, v in enumerate(values):
+        total += v
+        if k >= window:
+            total -= values[k - window]
+        out.append(total / min(k + 1, window))
+    return out
+
+
 def plot(runs: list[dict[str, Any]], path: Path) -> Path:
-    """CE and MSE curves side by side, one colour per mode."""
+    """CE and MSE side by side, one colour per mode: moving averages over 1/40 of the run,
+    log scale, from step 10% on (the first steps dwarf the differences)."""
+    window = max(1, len(runs[0]["ce"]) // 40)
+    start = len(runs[0]["ce"]) // 10
+    curves = {key: [(run["mode"], smooth(run[key], window)[start:]) for run in runs]
+              for key in ("ce", "mse")}
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return _plot_pil(runs, path)
+        return _plot_pil(curves, start, window, path)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for run in runs:
-        for ax, key in zip(axes, ("ce", "mse"), strict=True):
-            ax.plot(range(1, len(run[key]) + 1), run[key], label=run["mode"])
-    for ax, key in zip(axes, ("CE", "MSE"), strict=True):
-        ax.set_title(key)
+    for ax, key in zip(axes, ("ce", "mse"), strict=True):
+        for mode, ys in curves[key]:
+            ax.plot(range(start + 1, start + len(ys) + 1), ys, label=mode)
+        ax.set_yscale("log")
+        ax.set_title(f"{key.upper()} (moving average of {window} steps)")
         ax.set_xlabel("step")
         ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return path
 
 
-def _plot_pil(runs: list[dict[str, Any]], path: Path, w: int = 400, h: int = 300) -> Path:
+def _plot_pil(curves: dict[str, list[tuple[str, list[float]]]], start: int, window: int,
+              path: Path, w: int = 400, h: int = 300) -> Path:
+    import math
+
     from PIL import Image, ImageDraw
 
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c"]
-    image = Image.new("RGB", (2 * w + 30, h + 40), "white")
+    image = Image.new("RGB", (2 * w + 30, h + 60), "white")
     draw = ImageDraw.Draw(image)
     for panel, key in enumerate(("ce", "mse")):
         x0 = 10 + panel * (w + 10)
-        values = [v for run in runs for v in run[key]]
-        lo, hi = min(values), max(values)
+        values = [v for _, ys in curves[key] for v in ys if v > 0]
+        lo, hi = math.log(min(values)), math.log(max(values))
         draw.rectangle([x0, 20, x0 + w, 20 + h], outline="black")
-        draw.text((x0 + 5, 5), f"{key.upper()} ({lo:.3g} .. {hi:.3g})", fill="black")
-        for i, run in enumerate(runs):
-            ys = run[key]
+        draw.text((x0 + 5, 5), f"{key.upper()}, log scale {math.exp(lo):.3g} .. "
+                               f"{math.exp(hi):.3g}, mean of {window} steps", fill="black")
+        for i, (mode, ys) in enumerate(curves[key]):
             pts = [(x0 + w * j / max(1, len(ys) - 1),
-                    20 + h - h * (v - lo) / max(hi - lo, 1e-9)) for j, v in enumerate(ys)]
+                    20 + h - h * (math.log(max(v, 1e-12)) - lo) / max(hi - lo, 1e-9))
+                   for j, v in enumerate(ys)]
             draw.line(pts, fill=colours[i % 3], width=2)
-            draw.text((x0 + w - 60, 25 + 12 * i), run["mode"], fill=colours[i % 3])
+            draw.text((x0 + w - 110, 25 + 12 * i), f"{mode} {ys[-1]:.3f}",
+                      fill=colours[i % 3])
+        draw.text((x0, 25 + h), f"step {start + 1}", fill="black")
+        draw.text((x0 + w - 60, 25 + h), f"step {start + len(curves[key][0][1])}",
+                  fill="black")
     image.save(path)
     return path
 
@@ -101,7 +125,12 @@ def main() -> None:
     parser.add_argument("--set", dest="set_", action="append", default=[],
                         help="KEY=VALUE over the recipe, e.g. train.steps=1000")
     parser.add_argument("--out", type=Path, default=Path("runs/shapes-ablation"))
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw OUT/curves.png from OUT/curves.json, train nothing")
     args = parser.parse_args()
+    if args.replot:
+        print(plot(json.loads((args.out / "curves.json").read_text()), args.out / "curves.png"))
+        return
     recipe = load_recipe(args.recipe, parse_overrides(args.set_))
     config, _ = prepare(recipe, args.out, print)
     runs, tables = [], {}
