@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import weft
-from weft.schemas.config_doc import deep_merge, validation_problems
+from weft.schemas.config_doc import deep_merge, read_yaml_mapping, validation_problems
 from weft.schemas.ids import hash_of, sha256_file
 from weft.schemas.ledger import LedgerEntry, StagePlan, write_ledger
 from weft.schemas.policy import Policy
@@ -92,12 +92,7 @@ def read_config(model: type[ConfigT], default_path: Path, path: str | Path | Non
     user: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            user = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        if not isinstance(user, dict):
-            raise ConfigError(f"config {path} must be a mapping, got {type(user).__name__}")
+        user = read_yaml_mapping(path, "config", ConfigError)
     data = deep_merge(deep_merge(data, user), overrides or {})
     try:
         config = model.model_validate(data)

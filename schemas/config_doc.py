@@ -6,6 +6,7 @@ match, so every default a user can change is written out where they look.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -36,6 +37,18 @@ def render_defaults(model: BaseModel, header: str) -> str:
     """YAML text of `model` with a header comment and one comment per described field."""
     head = [f"# {line}".rstrip() for line in header.strip().splitlines()]
     return "\n".join([*head, *_render(model, model.model_dump(mode="json"), 0)]) + "\n"
+
+
+def read_yaml_mapping(path: str | Path, what: str, error: type[Exception]) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (empty file: {}); anything else raises
+    `error` with one line naming `what` and the path."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise error(f"cannot read {what} {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must be a mapping, got {type(data).__name__}")
+    return data
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

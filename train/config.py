@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from weft.model.mot import UnifiedConfig
-from weft.schemas.config_doc import deep_merge, validation_problems
+from weft.schemas.config_doc import deep_merge, read_yaml_mapping, validation_problems
 
 
 class TrainConfigError(ValueError):
@@ -174,12 +173,7 @@ def load_train_config(path: str | Path | None = None,
     """Defaults, then the YAML (partial is fine), then overrides; one TrainConfigError."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise TrainConfigError(f"cannot read training config {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise TrainConfigError(f"training config {path} must be a mapping")
+        data = read_yaml_mapping(path, "training config", TrainConfigError)
     data = deep_merge(data, overrides or {})
     try:
         return TrainConfig.model_validate(data)

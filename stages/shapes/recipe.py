@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from weft.schemas.config_doc import deep_merge, validation_problems
+from weft.schemas.config_doc import deep_merge, read_yaml_mapping, validation_problems
 from weft.schemas.ids import hash_of
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -106,12 +105,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Sh
     from weft.pipelines.common import ConfigError
     from weft.train.config import TrainConfigError
 
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise RecipeError(f"cannot read shapes recipe {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RecipeError(f"shapes recipe {path} must be a mapping")
+    data = read_yaml_mapping(path, "shapes recipe", RecipeError)
     try:
         recipe = ShapesRecipe.model_validate(deep_merge(data, overrides or {}))
     except ValidationError as exc:
