@@ -140,7 +140,8 @@ def main() -> None:
         tables[mode], _ = evaluate_run(args.out / mode, recipe.shapes_config(),
                                        ev.n_per_category, ev.steps, args.out / mode / "eval",
                                        weights=ev.weights, cfg_text_scale=ev.cfg_text_scale,
-                                       cfg_image_scale=ev.cfg_image_scale)
+                                       cfg_image_scale=ev.cfg_image_scale,
+                                       **ev.shift_kwargs())
         runs.append(run)
         print(f"{mode}: {run['tokens']} loss tokens, {run['seconds']:.0f} s, "
               f"CE {run['ce'][0]:.3f} -> {run['ce'][-1]:.3f}, "

@@ -155,11 +155,13 @@ def evaluate_run(train_run_dir: str | Path, shapes_config: Any = None,
     only its scene settings matter. n_per_category: prompts per GenEval category, edits
     per op, VQA scenes (x3 questions) and captions are this many each. steps: Euler
     steps per generated image. vqa_types: the question types asked. guidance: passed to
-    `Interleaver.generate_image` (cfg_text_scale, cfg_image_scale, ...). Returns the
-    table and the PNG paths.
+    `Interleaver.generate_image` (cfg_text_scale, cfg_image_scale, shift, ...); the
+    Euler schedule's shift defaults to the one the model trained with
+    (`timestep_shift`). Returns the table and the PNG paths.
     """
     cfg = _scene_config(shapes_config)
     run = load_run(train_run_dir, weights)
+    guidance.setdefault("shift", run.model.config.timestep_shift)
     out = Path(out_dir) if out_dir is not None else Path(train_run_dir) / "eval-shapes"
     out.mkdir(parents=True, exist_ok=True)
     chance = chance_levels(cfg, chance_n, seed)

@@ -71,9 +71,15 @@ class EvalRecipe(BaseModel):
     n_per_category: int = Field(16, gt=0, description="prompts per GenEval category, edits "
                                                       "per op, VQA scenes, captions")
     steps: int = Field(20, gt=0, description="Euler steps per generated image")
+    shift: float | None = Field(None, gt=0, description="timestep shift of the Euler "
+                                "schedule; null = the model's training timestep_shift")
     cfg_text_scale: float = Field(4.0, ge=1.0)
     cfg_image_scale: float = Field(1.5, ge=1.0)
     weights: str = Field("ema", pattern="^(ema|raw)$", description="ema | raw export")
+
+    def shift_kwargs(self) -> dict[str, float]:
+        """{'shift': ...} when set; evaluate_run otherwise uses the trained shift."""
+        return {} if self.shift is None else {"shift": self.shift}
 
 
 class ShapesRecipe(BaseModel):
@@ -222,7 +228,7 @@ def run_recipe(recipe: ShapesRecipe, out: str | Path,
     table, pngs = evaluate_run(config.run_dir, recipe.shapes_config(), ev.n_per_category,
                                ev.steps, out / "eval", weights=ev.weights,
                                cfg_text_scale=ev.cfg_text_scale,
-                               cfg_image_scale=ev.cfg_image_scale)
+                               cfg_image_scale=ev.cfg_image_scale, **ev.shift_kwargs())
     seconds["eval"] = time.perf_counter() - start
     return RecipeResult(out, table, pngs, seconds, list(result.history))
 
