@@ -18,7 +18,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 # well apart in RGB (nearest pair: yellow / orange, 94 apart); white / black backgrounds
@@ -64,20 +71,14 @@ class SceneConfig(BaseModel):
     max_tries: int = Field(200, ge=1, description="placement attempts before a scene is "
                                                   "given up (the caller draws another)")
 
-    @field_validator("shapes")
+    @field_validator("shapes", "colours")
     @classmethod
-    def _shapes(cls, value: list[str]) -> list[str]:
-        bad = sorted(set(value) - set(SHAPES))
+    def _at_least_two_known(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        known = list(SHAPES) if info.field_name == "shapes" else list(PALETTE)
+        bad = sorted(set(value) - set(known))
         if bad or len(set(value)) < 2:
-            raise ValueError(f"shapes must be at least two of {list(SHAPES)}; unknown: {bad}")
-        return value
-
-    @field_validator("colours")
-    @classmethod
-    def _colours(cls, value: list[str]) -> list[str]:
-        bad = sorted(set(value) - set(PALETTE))
-        if bad or len(set(value)) < 2:
-            raise ValueError(f"colours must be at least two of {list(PALETTE)}; unknown: {bad}")
+            raise ValueError(f"{info.field_name} must be at least two of {known}; "
+                             f"unknown: {bad}")
         return value
 
     @field_validator("background")
