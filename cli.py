@@ -719,7 +719,7 @@ def shapes_recipe(
 ) -> None:
     """Data, VAE, ViT, training and the shapes evaluation of one recipe, end to end; prints
     the table (accuracy against chance per category) and what each step took."""
-    from weft.stages.shapes.evaluate import task_mean
+    from weft.stages.shapes.evaluate import task_means
     from weft.stages.shapes.recipe import RecipeError, load_recipe, run_recipe
     from weft.train.__main__ import parse_overrides, setup_logging
     from weft.train.config import TrainConfigError
@@ -741,9 +741,8 @@ def shapes_recipe(
         table.add_row(step, f"{seconds:.0f}")
     table.add_row("total", f"{result.total_seconds:.0f}")
     console.print(table)
-    means = ", ".join(f"{t} {task_mean(result.table, t):.3f}"
-                      for t in ("geneval", "edit", "vqa", "caption"))
-    console.print(f"per task: {means}; grids: {', '.join(map(str, result.pngs))}")
+    console.print(f"per task: {task_means(result.table)}; grids: "
+                  f"{', '.join(map(str, result.pngs))}")
 
 
 @policy_app.command("apply")

@@ -116,7 +116,6 @@ def side_by_side(tables: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    from weft.stages.shapes.evaluate import evaluate_run
     from weft.stages.shapes.recipe import CPU_RECIPE, load_recipe, prepare
     from weft.train.__main__ import parse_overrides
 
@@ -134,14 +133,11 @@ def main() -> None:
     recipe = load_recipe(args.recipe, parse_overrides(args.set_))
     config, _ = prepare(recipe, args.out, print)
     runs, tables = [], {}
-    ev = recipe.eval
+    shapes_config = recipe.shapes_config()
     for mode in MODES:
         run = train_mode(mode, config, args.out)
-        tables[mode], _ = evaluate_run(args.out / mode, recipe.shapes_config(),
-                                       ev.n_per_category, ev.steps, args.out / mode / "eval",
-                                       weights=ev.weights, cfg_text_scale=ev.cfg_text_scale,
-                                       cfg_image_scale=ev.cfg_image_scale,
-                                       **ev.shift_kwargs())
+        tables[mode], _ = recipe.eval.run(args.out / mode, shapes_config,
+                                          args.out / mode / "eval")
         runs.append(run)
         print(f"{mode}: {run['tokens']} loss tokens, {run['seconds']:.0f} s, "
               f"CE {run['ce'][0]:.3f} -> {run['ce'][-1]:.3f}, "

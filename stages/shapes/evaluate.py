@@ -147,21 +147,21 @@ def evaluate_run(train_run_dir: str | Path, shapes_config: Any = None,
                  n_per_category: int = 8, steps: int = 20, out_dir: str | Path | None = None,
                  tasks: Sequence[str] = TASKS, seed: int = 0, batch_size: int = 8,
                  weights: str = "ema", chance_n: int = 300,
-                 vqa_types: Sequence[str] = QUESTION_TYPES,
+                 vqa_types: Sequence[str] = QUESTION_TYPES, shift: float | None = None,
                  **guidance: Any) -> tuple[EvalTable, list[Path]]:
     """Score a run on held-out shapes tasks; write sample grids (PNG) and the table.
 
     shapes_config: a `ShapesConfig`, a `SceneConfig`, a YAML path or None (defaults);
     only its scene settings matter. n_per_category: prompts per GenEval category, edits
     per op, VQA scenes (x3 questions) and captions are this many each. steps: Euler
-    steps per generated image. vqa_types: the question types asked. guidance: passed to
-    `Interleaver.generate_image` (cfg_text_scale, cfg_image_scale, shift, ...); the
-    Euler schedule's shift defaults to the one the model trained with
-    (`timestep_shift`). Returns the table and the PNG paths.
+    steps per generated image. vqa_types: the question types asked. shift: of the Euler
+    schedule; None = the one the model trained with (`timestep_shift`). guidance: passed
+    to `Interleaver.generate_image` (cfg_text_scale, cfg_image_scale, ...). Returns the
+    table and the PNG paths.
     """
     cfg = _scene_config(shapes_config)
     run = load_run(train_run_dir, weights)
-    guidance.setdefault("shift", run.model.config.timestep_shift)
+    guidance["shift"] = run.model.config.timestep_shift if shift is None else shift
     out = Path(out_dir) if out_dir is not None else Path(train_run_dir) / "eval-shapes"
     out.mkdir(parents=True, exist_ok=True)
     chance = chance_levels(cfg, chance_n, seed)
@@ -230,15 +230,19 @@ def task_mean(table: EvalTable, task: str) -> float:
     return float(np.mean(accs)) if accs else 0.0
 
 
+def task_means(table: EvalTable) -> str:
+    """One line: the mean accuracy of each task."""
+    return ", ".join(f"{t} {task_mean(table, t):.3f}" for t in TASKS)
+
+
 def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = None,
                     shapes_config: str | Path | None = None, n_per_category: int = 8,
                     steps: int = 20) -> tuple[str, list[Path]]:
     """`weft eval shapes CHECKPOINT`: the table as markdown (per-task means appended)
     and the sample grids' paths. CHECKPOINT is a training run directory (RUN/export)."""
     table, pngs = evaluate_run(checkpoint_dir, shapes_config, n_per_category, steps, out_dir)
-    means = " | ".join(f"{t} {task_mean(table, t):.3f}" for t in TASKS)
-    return f"{table.to_markdown()}\n\nper task: {means}", pngs
+    return f"{table.to_markdown()}\n\nper task: {task_means(table)}", pngs
 
 
 __all__ = ["TASKS", "Loaded", "answer", "eval_shapes_cli", "evaluate_run", "generate",
-           "load_run", "task_mean"]
+           "load_run", "task_mean", "task_means"]

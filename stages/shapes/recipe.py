@@ -77,9 +77,15 @@ class EvalRecipe(BaseModel):
     cfg_image_scale: float = Field(1.5, ge=1.0)
     weights: str = Field("ema", pattern="^(ema|raw)$", description="ema | raw export")
 
-    def shift_kwargs(self) -> dict[str, float]:
-        """{'shift': ...} when set; evaluate_run otherwise uses the trained shift."""
-        return {} if self.shift is None else {"shift": self.shift}
+    def run(self, run_dir: str | Path, shapes_config: Any, out: str | Path
+            ) -> tuple[Any, list[Path]]:
+        """Evaluate a trained run with these settings: (table, PNG grids under out)."""
+        from weft.stages.shapes.evaluate import evaluate_run
+
+        return evaluate_run(run_dir, shapes_config, self.n_per_category, self.steps, out,
+                            weights=self.weights, shift=self.shift,
+                            cfg_text_scale=self.cfg_text_scale,
+                            cfg_image_scale=self.cfg_image_scale)
 
 
 class ShapesRecipe(BaseModel):
@@ -214,7 +220,6 @@ def run_recipe(recipe: ShapesRecipe, out: str | Path,
                log: Callable[[str], None] = lambda _: None,
                progress: bool = False) -> RecipeResult:
     """Data, VAE, ViT, training and evaluation; the table and grids under OUT/eval."""
-    from weft.stages.shapes.evaluate import evaluate_run
     from weft.train.loop import run_training
 
     out = Path(out)
@@ -224,11 +229,7 @@ def run_recipe(recipe: ShapesRecipe, out: str | Path,
     seconds["train"] = time.perf_counter() - start
     log(f"train: {config.steps} steps ({seconds['train']:.0f} s)")
     start = time.perf_counter()
-    ev = recipe.eval
-    table, pngs = evaluate_run(config.run_dir, recipe.shapes_config(), ev.n_per_category,
-                               ev.steps, out / "eval", weights=ev.weights,
-                               cfg_text_scale=ev.cfg_text_scale,
-                               cfg_image_scale=ev.cfg_image_scale, **ev.shift_kwargs())
+    table, pngs = recipe.eval.run(config.run_dir, recipe.shapes_config(), out / "eval")
     seconds["eval"] = time.perf_counter() - start
     return RecipeResult(out, table, pngs, seconds, list(result.history))
 
