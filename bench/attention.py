@@ -1,4 +1,5 @@
-"""Generalized causal attention: FlexAttention BlockMask against dense SDPA, same run.
+"""Generalized causal attention: FlexAttention BlockMask and per-document SDPA against dense
+SDPA, same run.
 
 Builds realistic packs (several documents per pack: text runs, ViT images, clean and
 noised VAE images of a few hundred tokens each, padded to the total length) and times,
@@ -7,8 +8,9 @@ for each length, the reference (`dense`: SDPA with the [L, L] boolean mask) and 
 fraction of blocks flex computes, both mask build times (once per batch, shared by
 every layer; flex's compiled), the compile time (create_block_mask and flex_attention,
 once per length), forward (and with --backward forward+backward) times,
-the speed ratio dense/flex (BAGEL's paper reports about 2x for flex on GPU) and the
-largest difference between the two outputs on real tokens.
+the speed ratio dense/flex (BAGEL's paper reports about 2x for flex on GPU), the same
+for `docs` (SDPA per group of whole documents: what CPU training uses, since flex has
+no CPU backward) and the largest difference from dense on real tokens.
 
 Defaults follow the device: CPU fp32 with 8/2 heads of 64 and 2048 4096 tokens (about
 a minute on 2 cores, most of it compiling); CUDA bf16 with the 7B backbone's 28/4
@@ -104,6 +106,7 @@ def bench_length(tokens: int, args: argparse.Namespace, device: torch.device,
         batch, "flex", block_size=args.block_size, flex_mode="compiled"), device, 2)
     dense_build = timed(lambda: ab.build_attention_mask(batch, "dense"), device, 2)
     dense = ab.build_attention_mask(batch, "dense")
+    docs = ab.build_attention_mask(batch, "docs")
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
     q = torch.randn(1, args.heads, tokens, args.head_dim, device=device, dtype=dtype,
@@ -118,13 +121,15 @@ def bench_length(tokens: int, args: argparse.Namespace, device: torch.device,
             torch.cuda.synchronize()
         compile_s += time.perf_counter() - start
         dense_out = ab.attend(q, k, v, dense)
-        diff = float((flex_out[:, :, :real].float() - dense_out[:, :, :real].float())
-                     .abs().max())
-        del flex_out, dense_out
+        docs_out = ab.attend(q, k, v, docs)
+        diff = max(float((out[:, :, :real].float() - dense_out[:, :, :real].float())
+                         .abs().max()) for out in (flex_out, docs_out))
+        del flex_out, dense_out, docs_out
         dense_fwd = timed(lambda: ab.attend(q, k, v, dense), device, args.repeat)
         flex_fwd = timed(lambda: ab.attend(q, k, v, flex), device, args.repeat)
+        docs_fwd = timed(lambda: ab.attend(q, k, v, docs), device, args.repeat)
 
-    dense_bwd = flex_bwd = None
+    dense_bwd = flex_bwd = docs_bwd = None
     if args.backward:
         grads = [t.detach().requires_grad_() for t in (q, k, v)]
 
@@ -135,6 +140,8 @@ def bench_length(tokens: int, args: argparse.Namespace, device: torch.device,
 
         step(dense)
         dense_bwd = timed(lambda: step(dense), device, args.repeat)
+        step(docs)
+        docs_bwd = timed(lambda: step(docs), device, args.repeat)
         if device.type != "cpu":
             step(flex)  # compiles the backward
             flex_bwd = timed(lambda: step(flex), device, args.repeat)
@@ -142,7 +149,7 @@ def bench_length(tokens: int, args: argparse.Namespace, device: torch.device,
             "density": ab.block_density(flex), "dense_build": dense_build,
             "flex_build": flex_build, "compile": compile_s, "dense_fwd": dense_fwd,
             "flex_fwd": flex_fwd, "dense_bwd": dense_bwd, "flex_bwd": flex_bwd,
-            "diff": diff}
+            "docs_fwd": docs_fwd, "docs_bwd": docs_bwd, "diff": diff}
 
 
 def main() -> int:
@@ -179,9 +186,11 @@ def main() -> int:
           f"{args.head_dim}, block {args.block_size}, best of {args.repeat}, "
           f"torch {torch.__version__}")
     columns = ["tokens", "real", "docs", "blocks", "dense mask ms", "block mask ms",
-               "compile s", "dense fwd ms", "flex fwd ms", "dense/flex"]
+               "compile s", "dense fwd ms", "flex fwd ms", "dense/flex", "docs fwd ms",
+               "dense/docs"]
     if args.backward:
-        columns += ["dense f+b ms", "flex f+b ms", "dense/flex f+b"]
+        columns += ["dense f+b ms", "flex f+b ms", "dense/flex f+b", "docs f+b ms",
+                    "dense/docs f+b"]
     columns.append("max diff")
     print("  ".join(columns))
     for tokens in args.tokens:
@@ -189,12 +198,14 @@ def main() -> int:
         cells = [r["tokens"], r["real"], r["docs"], f"{r['density']:.1%}",
                  f"{r['dense_build'] * 1e3:.1f}", f"{r['flex_build'] * 1e3:.1f}",
                  f"{r['compile']:.1f}", f"{r['dense_fwd'] * 1e3:.1f}",
-                 f"{r['flex_fwd'] * 1e3:.1f}", f"{r['dense_fwd'] / r['flex_fwd']:.2f}x"]
+                 f"{r['flex_fwd'] * 1e3:.1f}", f"{r['dense_fwd'] / r['flex_fwd']:.2f}x",
+                 f"{r['docs_fwd'] * 1e3:.1f}", f"{r['dense_fwd'] / r['docs_fwd']:.2f}x"]
         if args.backward:
-            dense_bwd, flex_bwd = r["dense_bwd"], r["flex_bwd"]
+            dense_bwd, flex_bwd, docs_bwd = r["dense_bwd"], r["flex_bwd"], r["docs_bwd"]
             cells.append(f"{dense_bwd * 1e3:.1f}")
             cells += ([f"{flex_bwd * 1e3:.1f}", f"{dense_bwd / flex_bwd:.2f}x"]
                       if flex_bwd is not None else ["n/a", "(no CPU bwd)"])
+            cells += [f"{docs_bwd * 1e3:.1f}", f"{dense_bwd / docs_bwd:.2f}x"]
         cells.append(f"{r['diff']:.1e}")
         print("  ".join(f"{c:>{len(name)}}" for c, name in zip(cells, columns, strict=True)),
               flush=True)

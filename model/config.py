@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LayerMode = Literal["dense", "moe", "mot"]
-AttentionBackendName = Literal["dense", "flex"]
+AttentionBackendName = Literal["dense", "docs", "flex"]
 
 
 class MoTConfig(BaseModel):
@@ -46,8 +46,8 @@ class MoTConfig(BaseModel):
                                   "token; moe: shared attention, one FFN per expert; mot: "
                                   "every layer weight per expert (BAGEL).")
     attention_backend: AttentionBackendName = Field(
-        "flex", description="flex: FlexAttention BlockMask (training); dense: the [L, L] "
-        "reference mask (tests, short packs).")
+        "flex", description="flex: FlexAttention BlockMask (training); docs: SDPA per "
+        "group of whole documents (CPU training); dense: the [L, L] reference mask (tests).")
     initializer_range: float = Field(0.02, gt=0, description="Std of the normal init of "
                                      "linear and embedding weights (random init only).")
 

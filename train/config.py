@@ -37,6 +37,9 @@ class ModelSection(_Strict):
     freeze_vit: bool = Field(False, description="keep the SigLIP2 encoder frozen")
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA of the trainable weights; "
                                                              "0 = no EMA")
+    latent_cache_mb: float = Field(0.0, ge=0, description="keep VAE latents of images seen "
+                                   "before, up to this many MiB (the frozen VAE gives the "
+                                   "same latent every epoch); 0 = encode every time")
 
 
 class ImageConfig(_Strict):
@@ -112,6 +115,9 @@ class OptimConfig(_Strict):
                                                              "of lr")
     decay_steps: int | None = Field(None, gt=0, description="step where the cosine reaches "
                                     "its floor; null = the run's steps")
+    implementation: Literal["fused", "foreach", "for-loop"] = Field(
+        "fused", description="AdamW kernel: fused (one kernel over all tensors, CPU and "
+        "CUDA; torchtitan's default), foreach, or the per-tensor loop")
 
 
 class LossConfig(_Strict):

@@ -51,6 +51,7 @@ from weft.model.packed import PackedBatch
 from weft.train.checkpoint import Checkpointer, export_safetensors, latest_checkpoint
 from weft.train.config import LossConfig, OptimConfig, TrainConfig, TrainConfigError
 from weft.train.ema import EMA
+from weft.train.latent_cache import LatentCache
 from weft.train.metrics import MetricsLogger
 from weft.train.parallel import (
     DistInfo,
@@ -166,7 +167,10 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
             (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": params, "weight_decay": wd}
               for params, wd in ((decay, config.weight_decay), (no_decay, 0.0)) if params]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True},
+              "for-loop": {"foreach": False}}[config.implementation]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                             **kernel)
 
 
 def global_loss(out: LossOutput, weights: LossConfig, info: DistInfo
@@ -257,6 +261,8 @@ class Trainer:
             torch.float32
         self.codec = codec if codec is not None else build_codec(config, self.info,
                                                                  codec_dtype)
+        self.latent_cache = LatentCache(self.codec, int(config.model.latent_cache_mb * 2**20)) \
+            if self.codec is not None and config.model.latent_cache_mb > 0 else None
         self.data = data if data is not None else \
             (data_factory or default_data_source)(config, self.info)
         self.checkpointer = Checkpointer(self.run_dir, config.checkpoint, self.info)
@@ -331,20 +337,26 @@ class Trainer:
             except StopIteration:
                 raise RuntimeError("the data source yields no batches") from None
 
-    def _encode(self, batch: PackedBatch) -> list[torch.Tensor]:
+    def _encode(self, batch: PackedBatch, host: PackedBatch | None = None
+                ) -> list[torch.Tensor]:
+        """Latents of the batch's VAE images (`host`: the same batch before `.to(device)`,
+        whose images key the latent cache)."""
         if not batch.vae_images:
             return []
         if self.codec is None:
             raise TrainConfigError("the data has VAE images but model.vae_path is not set: "
                                    "point it at a local FLUX-style AutoencoderKL directory")
         with torch.no_grad():
+            if self.latent_cache is not None:
+                return self.latent_cache.encode(batch.vae_images,
+                                                (host or batch).vae_images)
             return self.codec.encode(batch.vae_images)
 
     def train_step(self, batch: PackedBatch) -> StepLosses:
         """Forward, backward, clip, optimizer, lr and EMA step on one packed batch."""
         host_batch = batch  # token counts for metrics, without device syncs
         batch = batch.to(self.info.device)
-        latents = self._encode(batch)
+        latents = self._encode(batch, host_batch)
         generator = noise_generator(self.config.seed, self.step, self.info.rank,
                                     self.info.device)
         with autocast(self.plan, self.info.device):
@@ -412,6 +424,8 @@ class Trainer:
                      result.start_step, self.step, time.perf_counter() - t0,
                      result.checkpoint, f"; export {result.export_dir}"
                      if result.export_dir else "")
+            if self.latent_cache is not None:
+                log.info("%s", self.latent_cache.describe())
             (self.run_dir / "result.json").write_text(json.dumps(
                 {"step": self.step, "start_step": result.start_step,
                  "last": asdict(result.last) if result.last else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import sys
 
@@ -220,3 +221,36 @@ def test_flex_requested_without_flex_attention_fails_clearly(monkeypatch) -> Non
     with pytest.raises(ab.FlexUnavailableError, match="attention_backend='dense'"):
         ab.build_attention_mask(hand_built_pack(), "flex")
     assert ab.build_attention_mask(hand_built_pack(), "dense").dense is not None
+
+
+@pytest.mark.parametrize(("seed", "length", "scale"), [(0, 256, None), (1, 512, 0.3),
+                                                       (2, 1024, None)])
+def test_docs_backend_matches_dense_forward_and_backward(seed: int, length: int,
+                                                         scale: float | None) -> None:
+    batch = random_pack(seed, length)
+    assert batch.doc_ids.max() >= 2 and batch.num_tokens < length, "several docs + padding"
+    results = []
+    for backend in ("dense", "docs"):
+        q, k, v = (t.requires_grad_() for t in qkv(length, seed))
+        mask = ab.build_attention_mask(batch, backend)
+        out = ab.attend(q, k, v, mask, scale=scale)
+        out.square().sum().backward()
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+    for dense, docs in zip(*results, strict=True):
+        torch.testing.assert_close(docs, dense, atol=5e-5, rtol=1e-4)  # float order only
+
+
+def test_docs_backend_groups_whole_documents_and_skips_cross_document_work() -> None:
+    batch = random_pack(3, 1024)
+    mask = ab.build_attention_mask(batch, "docs")
+    groups = mask.doc_groups()
+    doc = batch.doc_ids
+    assert groups[0].start == 0 and groups[-1].end == batch.num_tokens
+    for a, b in itertools.pairwise(groups):
+        assert a.end == b.start
+        assert doc[a.end - 1] != doc[b.start], "a group boundary never cuts a document"
+    for g in groups:
+        idx = torch.arange(g.start, g.end)
+        assert torch.equal(g.mask, dense_mask(batch)[idx][:, idx])
+    assert 0 < ab.block_density(mask) < 0.5
+    assert "docs" in ab.describe_backend("docs", "cpu")

@@ -33,8 +33,9 @@ def test_shipped_recipes_load_with_every_section_valid(path) -> None:
 def test_the_cpu_recipe_fits_its_budget_on_paper() -> None:
     recipe = load_recipe(CPU_RECIPE)
     train = recipe.train_config()
-    assert train.model.unified.llm.attention_backend == "dense"  # CPU: no flex backward
-    assert train.steps * train.data.pack.expected_tokens <= 3_000_000
+    assert train.model.unified.llm.attention_backend == "docs"  # CPU: no flex backward
+    # ~0.3 s per 1k-token step on 2 cores (docs attention, fused AdamW, latent cache)
+    assert train.steps * train.data.pack.expected_tokens <= 4_500_000
 
 
 @pytest.mark.parametrize(("overrides", "words"), [

@@ -307,3 +307,46 @@ def test_mixing_runs_in_one_run_dir_is_refused(tmp_path) -> None:
     fresh = tiny_train_config(tmp_path, steps=2, checkpoint={"resume": "never"})
     with pytest.raises(TrainConfigError, match="already holds checkpoints"):
         run_training(fresh, ToySource(), codec=PoolCodec())
+
+
+def test_latent_cache_encodes_each_image_once_and_trains_identically(tmp_path, parts) -> None:
+    """The real tiny VAE behind the cache: same latents, same losses, fewer encodes."""
+    from weft.model.vae import LatentCodec
+    from weft.train.latent_cache import LatentCache
+    from weft.train.loop import Trainer
+
+    codec = LatentCodec.from_pretrained(parts["vae"])
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1
+              for i in range(3)]
+    latent_bytes = codec.encode(images[:1])[0].numel() * 4
+    cache = LatentCache(codec, max_bytes=2 * latent_bytes)  # room for two latents
+    first = cache.encode(images[:2])
+    for got, want in zip(first, codec.encode(images[:2]), strict=True):
+        assert torch.equal(got, want)
+    again = cache.encode([images[1], images[0]])
+    assert torch.equal(again[0], first[1]) and (cache.hits, cache.misses) == (2, 2)
+    cache.encode([images[2]])  # evicts images[1], the least recently used
+    assert len(cache) == 2 and cache.bytes <= cache.max_bytes
+    cache.encode([images[0]])
+    assert (cache.hits, cache.misses) == (3, 3)
+    cache.encode([images[1]])
+    assert (cache.hits, cache.misses) == (3, 4)
+    with pytest.raises(ValueError, match="deterministic"):
+        LatentCache(LatentCodec.from_pretrained(parts["vae"], sample_posterior=True), 1 << 20)
+
+    histories, caches = [], []
+    for mb in (0.0, 1.0):
+        config = tiny_train_config(tmp_path / f"run-{mb}", steps=8,
+                                   vae_path=str(parts["vae"]),
+                                   model={"latent_cache_mb": mb, "ema_decay": 0.9})
+        trainer = Trainer(config, ToySource(pool=4))
+        try:
+            histories.append(trainer.train().history)
+        finally:
+            trainer.close()
+        caches.append(trainer.latent_cache)
+    assert caches[0] is None
+    # 4 packs, each with one image twice (noised target + clean copy), then the same 4 again
+    assert caches[1].misses == 4 and caches[1].hits == 8
+    for a, b in zip(*histories, strict=True):
+        assert a.loss == pytest.approx(b.loss, abs=1e-6)
