@@ -667,14 +667,20 @@ def eval_shapes(
     out: Annotated[Path | None, typer.Option("--out", help="where the table and grids go")
                    ] = None,
     shapes_config: Annotated[Path | None, typer.Option("--shapes-config", help="the shapes "
-                                                       "config the data used")] = None,
+                                                       "config the data used (default: "
+                                                       "read from the run's shards)")] = None,
     n: Annotated[int, typer.Option("--n", help="held-out items per category")] = 8,
     steps: Annotated[int, typer.Option("--steps", help="Euler steps per image")] = 20,
+    cfg_text: Annotated[float, typer.Option("--cfg-text", help="text guidance scale (1: "
+                                            "none, as the CPU recipe evaluates)")] = 4.0,
+    cfg_image: Annotated[float, typer.Option("--cfg-image", help="image guidance scale "
+                                             "of edits")] = 1.5,
 ) -> None:
     """Toy GenEval, edit, VQA and caption accuracy of a run against chance, with grids."""
     from weft.stages.shapes.evaluate import eval_shapes_cli
 
-    markdown, pngs = eval_shapes_cli(checkpoint, out, shapes_config, n, steps)
+    markdown, pngs = eval_shapes_cli(checkpoint, out, shapes_config, n, steps, cfg_text,
+                                     cfg_image)
     console.print(markdown)
     for path in pngs:
         console.print(f"grid: {path}")

@@ -151,15 +151,16 @@ def evaluate_run(train_run_dir: str | Path, shapes_config: Any = None,
                  **guidance: Any) -> tuple[EvalTable, list[Path]]:
     """Score a run on held-out shapes tasks; write sample grids (PNG) and the table.
 
-    shapes_config: a `ShapesConfig`, a `SceneConfig`, a YAML path or None (defaults);
-    only its scene settings matter. n_per_category: prompts per GenEval category, edits
+    shapes_config: a `ShapesConfig`, a `SceneConfig`, a YAML path, or None: the scene of
+    the shapes run the training read (`trained_scene`), else the defaults; only its scene
+    settings matter. n_per_category: prompts per GenEval category, edits
     per op, VQA scenes (x3 questions) and captions are this many each. steps: Euler
     steps per generated image. vqa_types: the question types asked. shift: of the Euler
     schedule; None = the one the model trained with (`timestep_shift`). guidance: passed
     to `Interleaver.generate_image` (cfg_text_scale, cfg_image_scale, ...). Returns the
     table and the PNG paths.
     """
-    cfg = _scene_config(shapes_config)
+    cfg = _scene_config(shapes_config, train_run_dir)
     run = load_run(train_run_dir, weights)
     guidance["shift"] = run.model.config.timestep_shift if shift is None else shift
     out = Path(out_dir) if out_dir is not None else Path(train_run_dir) / "eval-shapes"
@@ -214,14 +215,49 @@ def evaluate_run(train_run_dir: str | Path, shapes_config: Any = None,
     return table, pngs
 
 
-def _scene_config(shapes_config: Any) -> SceneConfig:
+def _scene_config(shapes_config: Any, train_run_dir: str | Path | None = None
+                  ) -> SceneConfig:
     if isinstance(shapes_config, SceneConfig):
         return shapes_config
+    if shapes_config is None and train_run_dir is not None:
+        found = trained_scene(train_run_dir)
+        if found is not None:
+            return found
     if shapes_config is None or isinstance(shapes_config, str | Path):
         from weft.pipelines.shapes import load_config
 
         return load_config(shapes_config).scene
     return shapes_config.scene
+
+
+def trained_scene(train_run_dir: str | Path) -> SceneConfig | None:
+    """The scene config of the shapes run a training run read: its config.json's shards
+    (a mixture.json) name each dataset's run directory, and a shapes run keeps its
+    config.yaml there. None when the run read no shapes run; a ValueError when it read
+    several with different scenes (then say which with --shapes-config)."""
+    import json
+
+    from weft.pipelines.shapes import PIPELINE, load_config
+
+    config = Path(train_run_dir) / "config.json"
+    if not config.is_file():
+        return None
+    shards = Path(json.loads(config.read_text()).get("data", {}).get("shards", ""))
+    mixture = shards / "mixture.json"
+    if not mixture.is_file():
+        return None
+    scenes = []
+    for dataset in json.loads(mixture.read_text()).get("datasets", []):
+        run_dir = Path(dataset.get("run_dir") or "")
+        run = run_dir / "run.json"
+        if run.is_file() and json.loads(run.read_text()).get("pipeline") == PIPELINE:
+            scene = load_config(run_dir / "config.yaml").scene
+            if scene not in scenes:
+                scenes.append(scene)
+    if len(scenes) > 1:
+        raise ValueError(f"{train_run_dir} trained on shapes runs with {len(scenes)} "
+                         "different scenes; name one with --shapes-config")
+    return scenes[0] if scenes else None
 
 
 def task_mean(table: EvalTable, task: str) -> float:
@@ -237,12 +273,14 @@ def task_means(table: EvalTable) -> str:
 
 def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = None,
                     shapes_config: str | Path | None = None, n_per_category: int = 8,
-                    steps: int = 20) -> tuple[str, list[Path]]:
+                    steps: int = 20, cfg_text_scale: float = 4.0,
+                    cfg_image_scale: float = 1.5) -> tuple[str, list[Path]]:
     """`weft eval shapes CHECKPOINT`: the table as markdown (per-task means appended)
     and the sample grids' paths. CHECKPOINT is a training run directory (RUN/export)."""
-    table, pngs = evaluate_run(checkpoint_dir, shapes_config, n_per_category, steps, out_dir)
+    table, pngs = evaluate_run(checkpoint_dir, shapes_config, n_per_category, steps, out_dir,
+                               cfg_text_scale=cfg_text_scale, cfg_image_scale=cfg_image_scale)
     return f"{table.to_markdown()}\n\nper task: {task_means(table)}", pngs
 
 
 __all__ = ["TASKS", "Loaded", "answer", "eval_shapes_cli", "evaluate_run", "generate",
-           "load_run", "task_mean", "task_means"]
+           "load_run", "task_mean", "task_means", "trained_scene"]

@@ -42,6 +42,19 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
     built = sorted(p.name for p in tmp_path.iterdir())
     assert [n for n in built if n.startswith(("data-", "vae-"))] and "models" in built
 
+    # `weft eval shapes` finds the recipe's scene (not the default one) through the shards
+    from weft.stages.shapes.evaluate import trained_scene
+    from weft.stages.shapes.recipe import load_recipe
+
+    scene = load_recipe(CPU_RECIPE).shapes_config().scene
+    assert trained_scene(tmp_path / "train") == scene != type(scene)()
+    evaluated = CliRunner().invoke(app, ["eval", "shapes", str(tmp_path / "train"), "--n",
+                                         "1", "--steps", "2", "--cfg-text", "1.0",
+                                         "--out", str(tmp_path / "eval-cli")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "geneval/colors" in evaluated.output and (tmp_path / "eval-cli" / "table.md").is_file()
+    built = sorted(p.name for p in tmp_path.iterdir())
+
     # other training settings: data, VAE and ViT are reused, only training reruns
     vae_dir = next(tmp_path.glob("vae-*"))
     stamp = (vae_dir / "config.json").stat().st_mtime_ns

@@ -336,3 +336,33 @@ def test_a_model_with_latent_patch_1_samples_through_a_codec_loaded_for_it(tmp_p
     image = inter.generate_image(32, 32, steps=2)[0]
     assert image.shape == (3, 32, 32)
     assert len(inter.contexts[0].tracks["full"].positions) == 3 + (32 // 8) ** 2
+
+
+def test_sampling_velocity_equals_the_training_forward_on_the_same_noised_latents(tiny) -> None:
+    """What the sampler integrates is what training fitted: for a prompt and an image to
+    generate, the cached velocity at (x_t, t) equals the packed forward's prediction with
+    the same noise and t (the t2i layout the trainer's plans give)."""
+    import dataclasses
+
+    model, codec = tiny
+    prompt, image = [3, 9, 27, 31], _image(4)
+    latent = codec.encode([image])[0]
+    x0 = codec.patchify(latent)
+    grid = (image.shape[1] // codec.stride, image.shape[2] // codec.stride)
+    for t in (0.9, 0.4):
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(t * 10)))
+        builder = PackBuilder(vit_patch=16, vae_stride=codec.stride).new_document()
+        builder.add_text(prompt).add_vae_image(image, noised=True, loss=True)
+        batch = dataclasses.replace(builder.add_text([1, 2], loss=True).build(),
+                                    vae_timesteps=torch.tensor([t]))
+        with torch.no_grad():
+            flow = model.flow_inputs(batch, [latent], [eps])
+            hidden = model.backbone(model.embed(batch, flow), batch)
+            trained = model.latent(hidden[batch.vae_index]).float()
+        inter = _interleaver(tiny)
+        inter.append_text([prompt])
+        with torch.no_grad():
+            sampled = inter._guided_velocity([(1 - t) * x0 + t * eps], grid, t,
+                                             Guidance(1.0, 1.0))
+        assert trained.abs().max() > 0.01, "a velocity head that says something"
+        torch.testing.assert_close(sampled, trained, atol=ATOL, rtol=0)
