@@ -37,9 +37,6 @@ class ModelSection(_Strict):
     freeze_vit: bool = Field(False, description="keep the SigLIP2 encoder frozen")
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA of the trainable weights; "
                                                              "0 = no EMA")
-    latent_cache_mb: float = Field(0.0, ge=0, description="keep VAE latents of images seen "
-                                   "before, up to this many MiB (the frozen VAE gives the "
-                                   "same latent every epoch); 0 = encode every time")
 
 
 class ImageConfig(_Strict):
@@ -99,6 +96,9 @@ class DataConfig(_Strict):
     images: ImageConfig = Field(default_factory=ImageConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
     cfg_dropout: CfgDropoutConfig = Field(default_factory=CfgDropoutConfig)
+    latent_cache_mb: float = Field(0.0, ge=0, description="keep VAE latents of images seen "
+                                   "before, up to this many MiB (the frozen VAE gives the "
+                                   "same latent every epoch); 0 = encode every time")
 
 
 class OptimConfig(_Strict):

@@ -261,8 +261,8 @@ class Trainer:
             torch.float32
         self.codec = codec if codec is not None else build_codec(config, self.info,
                                                                  codec_dtype)
-        self.latent_cache = LatentCache(self.codec, int(config.model.latent_cache_mb * 2**20)) \
-            if self.codec is not None and config.model.latent_cache_mb > 0 else None
+        self.latent_cache = LatentCache(self.codec, int(config.data.latent_cache_mb * 2**20)) \
+            if self.codec is not None and config.data.latent_cache_mb > 0 else None
         self.data = data if data is not None else \
             (data_factory or default_data_source)(config, self.info)
         self.checkpointer = Checkpointer(self.run_dir, config.checkpoint, self.info)

@@ -238,19 +238,24 @@ def trained_scene(train_run_dir: str | Path) -> SceneConfig | None:
     import json
 
     from weft.pipelines.shapes import PIPELINE, load_config
+    from weft.pipelines.shard_samples import run_pipeline
+    from weft.train.data import MIXTURE_FILE
 
     config = Path(train_run_dir) / "config.json"
     if not config.is_file():
         return None
     shards = Path(json.loads(config.read_text()).get("data", {}).get("shards", ""))
-    mixture = shards / "mixture.json"
+    mixture = shards / MIXTURE_FILE
     if not mixture.is_file():
         return None
     scenes = []
     for dataset in json.loads(mixture.read_text()).get("datasets", []):
         run_dir = Path(dataset.get("run_dir") or "")
-        run = run_dir / "run.json"
-        if run.is_file() and json.loads(run.read_text()).get("pipeline") == PIPELINE:
+        try:
+            pipeline = run_pipeline(run_dir)
+        except (FileNotFoundError, ValueError):  # gone or not a run: nothing to read
+            continue
+        if pipeline == PIPELINE:
             scene = load_config(run_dir / "config.yaml").scene
             if scene not in scenes:
                 scenes.append(scene)

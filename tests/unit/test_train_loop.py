@@ -338,7 +338,7 @@ def test_latent_cache_encodes_each_image_once_and_trains_identically(tmp_path, p
     for mb in (0.0, 1.0):
         config = tiny_train_config(tmp_path / f"run-{mb}", steps=8,
                                    vae_path=str(parts["vae"]),
-                                   model={"latent_cache_mb": mb, "ema_decay": 0.9})
+                                   data={"latent_cache_mb": mb})
         trainer = Trainer(config, ToySource(pool=4))
         try:
             histories.append(trainer.train().history)
@@ -350,3 +350,10 @@ def test_latent_cache_encodes_each_image_once_and_trains_identically(tmp_path, p
     assert caches[1].misses == 4 and caches[1].hits == 8
     for a, b in zip(*histories, strict=True):
         assert a.loss == pytest.approx(b.loss, abs=1e-6)
+    # a cache setting is not the model: a run resumes with the cache turned off
+    resumed = Trainer(tiny_train_config(tmp_path / "run-1.0", steps=8,
+                                        vae_path=str(parts["vae"])), ToySource(pool=4))
+    try:
+        assert resumed.step == 8 and resumed.latent_cache is None
+    finally:
+        resumed.close()
