@@ -675,12 +675,16 @@ def eval_shapes(
                                             "none, as the CPU recipe evaluates)")] = 4.0,
     cfg_image: Annotated[float, typer.Option("--cfg-image", help="image guidance scale "
                                              "of edits")] = 1.5,
+    diagnose: Annotated[bool, typer.Option("--diagnose", help="also where generation "
+                                           "fails: completion from noised right images "
+                                           "per t0, and velocity error with the item's "
+                                           "prompt vs another's")] = False,
 ) -> None:
     """Toy GenEval, edit, VQA and caption accuracy of a run against chance, with grids."""
     from weft.stages.shapes.evaluate import eval_shapes_cli
 
     markdown, pngs = eval_shapes_cli(checkpoint, out, shapes_config, n, steps, cfg_text,
-                                     cfg_image)
+                                     cfg_image, diagnose)
     console.print(markdown)
     for path in pngs:
         console.print(f"grid: {path}")

@@ -248,11 +248,17 @@ class Interleaver:
     def generate_latents(self, height: int, width: int, steps: int = 50, shift: float = 3.0,
                          cfg_text_scale: float = 4.0, cfg_image_scale: float = 1.5,
                          cfg_interval: tuple[float, float] = (0.4, 1.0),
-                         cfg_renorm: RenormMode = "global", generator: Generators = None
+                         cfg_renorm: RenormMode = "global", generator: Generators = None,
+                         start: Sequence[torch.Tensor] | None = None, start_t: float = 1.0
                          ) -> list[torch.Tensor]:
         """Euler-sample normalised latents [C, height/8, width/8] per context from noise
         (drawn with `generator`, one or one per context), guided by two-scale CFG inside
-        `cfg_interval` (`model/sampler.py`). The contexts are not changed."""
+        `cfg_interval` (`model/sampler.py`). The contexts are not changed.
+
+        start: noised latents x_t [C, h, w] per context at t = start_t to continue from
+        instead of noise (the schedule's steps above start_t are skipped): how far from
+        a known image the model still lands on it tells which noise levels it fails at.
+        """
         stride = self.codec.stride
         if height <= 0 or width <= 0 or height % stride or width % stride:
             raise ValueError(f"image size {height}x{width} must be positive multiples of "
@@ -260,16 +266,47 @@ class Interleaver:
         grid = (height // stride, width // stride)
         n = grid[0] * grid[1]
         guidance = Guidance(cfg_text_scale, cfg_image_scale, cfg_interval, cfg_renorm)
-        noise = [torch.randn((n, self.model.config.latent_token_dim), generator=g,
-                             device=g.device if g is not None else self.device)
-                 for g in self._generators(generator)]
-        x = torch.cat(noise).to(self.device, torch.float32)
+        timesteps = euler_timesteps(steps, shift)
+        if start is None:
+            x = torch.cat([torch.randn((n, self.model.config.latent_token_dim), generator=g,
+                                       device=g.device if g is not None else self.device)
+                           for g in self._generators(generator)]).to(self.device, torch.float32)
+        else:
+            self._check_batch(start)
+            if not 0.0 < start_t <= 1.0:
+                raise ValueError(f"start_t must be in (0, 1], got {start_t}")
+            x = torch.cat([self._latent_tokens(latent, grid) for latent in start])
+            below = timesteps[timesteps < start_t - 1e-6]
+            timesteps = torch.cat([torch.tensor([start_t], dtype=timesteps.dtype), below])
 
         def velocity(x_t: torch.Tensor, t: float) -> torch.Tensor:
             return self._guided_velocity(x_t.split(n), grid, t, guidance)
 
-        tokens = euler_sample(x, velocity, euler_timesteps(steps, shift)).split(n)
+        tokens = euler_sample(x, velocity, timesteps).split(n)
         return [self.codec.unpatchify(tok, grid) for tok in tokens]
+
+    @torch.no_grad()
+    def velocities(self, latents: Sequence[torch.Tensor], t: float,
+                   cfg_text_scale: float = 1.0, cfg_image_scale: float = 1.0,
+                   cfg_renorm: RenormMode = "global") -> list[torch.Tensor]:
+        """The (guided) velocity [C, h, w] the sampler would integrate at t for noised
+        latents x_t [C, h, w], one per context: what a diagnosis compares with ε − x0."""
+        self._check_batch(latents)
+        grid = self._latent_grid(latents[0])
+        guidance = Guidance(cfg_text_scale, cfg_image_scale, (0.0, 1.0), cfg_renorm)
+        tokens = [self._latent_tokens(latent, grid) for latent in latents]
+        v = self._guided_velocity(tokens, grid, t, guidance)
+        return [self.codec.unpatchify(tok, grid) for tok in v.split(len(tokens[0]))]
+
+    def _latent_grid(self, latent: torch.Tensor) -> tuple[int, int]:
+        patch = self.codec.patch
+        return latent.shape[-2] // patch, latent.shape[-1] // patch
+
+    def _latent_tokens(self, latent: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """[C, h, w] normalised latents -> [n, token_dim] tokens on the model's device."""
+        if self._latent_grid(latent) != grid:
+            raise ValueError(f"latent {tuple(latent.shape)} does not give a {grid} token grid")
+        return self.codec.patchify(latent.to(self.device, torch.float32))
 
     def _guided_velocity(self, x_t: Sequence[torch.Tensor], grid: tuple[int, int], t: float,
                          guidance: Guidance) -> torch.Tensor:

@@ -279,12 +279,27 @@ def task_means(table: EvalTable) -> str:
 def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = None,
                     shapes_config: str | Path | None = None, n_per_category: int = 8,
                     steps: int = 20, cfg_text_scale: float = 4.0,
-                    cfg_image_scale: float = 1.5) -> tuple[str, list[Path]]:
+                    cfg_image_scale: float = 1.5, diagnose: bool = False
+                    ) -> tuple[str, list[Path]]:
     """`weft eval shapes CHECKPOINT`: the table as markdown (per-task means appended)
-    and the sample grids' paths. CHECKPOINT is a training run directory (RUN/export)."""
-    table, pngs = evaluate_run(checkpoint_dir, shapes_config, n_per_category, steps, out_dir,
+    and the sample grids' paths. CHECKPOINT is a training run directory (RUN/export).
+    diagnose: also where generation fails (`diagnose.py`), written as diagnose.md/json."""
+    import json
+
+    out = Path(out_dir) if out_dir is not None else Path(checkpoint_dir) / "eval-shapes"
+    table, pngs = evaluate_run(checkpoint_dir, shapes_config, n_per_category, steps, out,
                                cfg_text_scale=cfg_text_scale, cfg_image_scale=cfg_image_scale)
-    return f"{table.to_markdown()}\n\nper task: {task_means(table)}", pngs
+    markdown = f"{table.to_markdown()}\n\nper task: {task_means(table)}"
+    if diagnose:
+        from weft.stages.shapes.diagnose import diagnose as run_diagnosis
+
+        found = run_diagnosis(load_run(checkpoint_dir),
+                              _scene_config(shapes_config, checkpoint_dir),
+                              n_per_category, steps)
+        (out / "diagnose.md").write_text(found.to_markdown() + "\n")
+        (out / "diagnose.json").write_text(json.dumps(found.as_dict(), indent=2) + "\n")
+        markdown += "\n\n" + found.to_markdown()
+    return markdown, pngs
 
 
 __all__ = ["TASKS", "Loaded", "answer", "eval_shapes_cli", "evaluate_run", "generate",

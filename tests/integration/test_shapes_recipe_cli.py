@@ -3,6 +3,8 @@ every category, the grids are written, and a second run reuses data, VAE and ViT
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -50,9 +52,15 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
     assert trained_scene(tmp_path / "train") == scene != type(scene)()
     evaluated = CliRunner().invoke(app, ["eval", "shapes", str(tmp_path / "train"), "--n",
                                          "1", "--steps", "2", "--cfg-text", "1.0",
-                                         "--out", str(tmp_path / "eval-cli")])
+                                         "--out", str(tmp_path / "eval-cli"), "--diagnose"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "geneval/colors" in evaluated.output and (tmp_path / "eval-cli" / "table.md").is_file()
+    # --diagnose: completion per t0 for every category, sensitivity per t (6 prompts)
+    diagnosis = json.loads((tmp_path / "eval-cli" / "diagnose.json").read_text())
+    assert diagnosis["n"] == 6 and "completion from a noised right image" in evaluated.output
+    assert set(diagnosis["completion"]) == {"0.3", "0.5", "0.7", "0.85", "1.0"}
+    assert all(len(row) == 6 for row in diagnosis["completion"].values())
+    assert set(diagnosis["sensitivity"]) == {"0.3", "0.6", "0.9"}
     built = sorted(p.name for p in tmp_path.iterdir())
 
     # other training settings: data, VAE and ViT are reused, only training reruns

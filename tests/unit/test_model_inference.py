@@ -366,3 +366,32 @@ def test_sampling_velocity_equals_the_training_forward_on_the_same_noised_latent
                                              Guidance(1.0, 1.0))
         assert trained.abs().max() > 0.01, "a velocity head that says something"
         torch.testing.assert_close(sampled, trained, atol=ATOL, rtol=0)
+
+
+def test_sampling_from_a_noised_latent_continues_the_schedule(tiny) -> None:
+    """`start` at t = 1 with the generator's own noise is plain generation; from t0 < 1 a
+    one-step schedule is one Euler step with the velocity `velocities` reports."""
+    model, codec = tiny
+    prompt = [3, 9, 27, 31]
+    latent = codec.encode([_image(5)])[0]
+    inter = _interleaver(tiny)
+    inter.append_text([prompt])
+    plain = inter.generate_latents(32, 32, steps=3, shift=1.0, cfg_text_scale=1.0,
+                                   cfg_image_scale=1.0,
+                                   generator=torch.Generator().manual_seed(2))[0]
+    noise = torch.randn((latent.numel() // latent.shape[0] // model.config.latent_patch ** 2,
+                         model.config.latent_token_dim),
+                        generator=torch.Generator().manual_seed(2))
+    started = inter.generate_latents(32, 32, steps=3, shift=1.0, cfg_text_scale=1.0,
+                                     cfg_image_scale=1.0,
+                                     start=[codec.unpatchify(noise, (2, 2))], start_t=1.0)[0]
+    torch.testing.assert_close(started, plain)
+
+    x_t = 0.4 * latent + 0.6 * codec.unpatchify(noise, (2, 2))
+    one_step = inter.generate_latents(32, 32, steps=1, shift=1.0, cfg_text_scale=1.0,
+                                      cfg_image_scale=1.0, start=[x_t], start_t=0.6)[0]
+    velocity = inter.velocities([x_t], 0.6)[0]
+    assert velocity.shape == latent.shape and velocity.abs().max() > 0.01
+    torch.testing.assert_close(one_step, x_t - 0.6 * velocity)
+    with pytest.raises(ValueError, match="start_t"):
+        inter.generate_latents(32, 32, steps=1, start=[x_t], start_t=0.0)
