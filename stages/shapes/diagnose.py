@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weft.stages.shapes.geneval import _rng, eval_prompts, geneval_image
+from weft.stages.shapes.geneval import eval_prompts, eval_rng, geneval_image
 from weft.stages.shapes.render import render
 from weft.stages.shapes.scene import SceneConfig
 from weft.stages.shapes.text import CATEGORIES, PromptSpec, prompt_scene
@@ -75,7 +75,7 @@ def diagnosis_items(cfg: SceneConfig, per_category: int, seed: int = 0,
     for i, spec in enumerate(eval_prompts(cfg, per_category, seed)):
         if spec.category not in categories:
             continue
-        scene = prompt_scene(_rng(seed, 3, i), cfg, spec)
+        scene = prompt_scene(eval_rng(seed, 20, i), cfg, spec)
         if scene is not None:
             items.append((spec, render(scene)))
     return items

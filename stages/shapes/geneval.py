@@ -119,7 +119,7 @@ def detector_accuracy(cfg: SceneConfig, n: int = 500, blur: float = 0.0, noise: 
                       ) -> float:
     """The share of n random scenes the detector reads back from their renders (blurred by
     `blur` px and noised by `noise` when given): how far to trust every score here."""
-    rng = _rng(seed, 4)
+    rng = eval_rng(seed, 4)
     hits = []
     for _ in range(n):
         scene = sample_scene(rng, cfg)
@@ -193,7 +193,9 @@ def geneval(specs: Sequence[PromptSpec], images: Sequence[np.ndarray],
 
 
 # ---- held-out evaluation sets -----------------------------------------------------------------
-def _rng(seed: int, *words: int) -> np.random.Generator:
+def eval_rng(seed: int, *words: int) -> np.random.Generator:
+    """The evaluation's draws: salted apart from every training draw, one stream per
+    (seed, words); word 0 prompts, 1 edits, 2 VQA, 3 captions, 10-13 chance, 20 diagnosis."""
     return np.random.default_rng([EVAL_SALT, seed, *words])
 
 
@@ -203,11 +205,11 @@ def eval_prompts(cfg: SceneConfig, per_category: int, seed: int = 0) -> list[Pro
     for c, category in enumerate(CATEGORIES):
         seen: set[str] = set()
         for i in range(per_category):
-            spec = sample_prompt(_rng(seed, 0, c, i), cfg, category)
+            spec = sample_prompt(eval_rng(seed, 0, c, i), cfg, category)
             for attempt in range(1, 20):
                 if spec.prompt not in seen:
                     break
-                spec = sample_prompt(_rng(seed, 0, c, i, attempt), cfg, category)
+                spec = sample_prompt(eval_rng(seed, 0, c, i, attempt), cfg, category)
             seen.add(spec.prompt)
             out.append(spec)
     return out
@@ -219,7 +221,7 @@ def eval_edits(cfg: SceneConfig, per_op: int, seed: int = 0) -> list[Edit]:
     for o, op in enumerate(EDIT_OPS):
         for i in range(per_op):
             for attempt in range(100):
-                rng = _rng(seed, 1, o, i, attempt)
+                rng = eval_rng(seed, 1, o, i, attempt)
                 edit = sample_edit(rng, sample_scene(rng, cfg), cfg, op)
                 if edit is not None:
                     out.append(edit)
@@ -232,7 +234,7 @@ def eval_vqa(cfg: SceneConfig, n: int, seed: int = 0, per_image: int = 3,
     """n scenes, each with up to per_image questions (types drawn uniformly from `types`)."""
     out = []
     for i in range(n):
-        rng = _rng(seed, 2, i)
+        rng = eval_rng(seed, 2, i)
         scene = sample_scene(rng, cfg)
         out.append((scene, vqa_pairs(rng, scene, cfg, per_image, types)))
     return out
@@ -240,7 +242,7 @@ def eval_vqa(cfg: SceneConfig, n: int, seed: int = 0, per_image: int = 3,
 
 def eval_captions(cfg: SceneConfig, n: int, seed: int = 0) -> list[Scene]:
     """n scenes to caption."""
-    return [sample_scene(_rng(seed, 3, i), cfg) for i in range(n)]
+    return [sample_scene(eval_rng(seed, 3, i), cfg) for i in range(n)]
 
 
 # ---- chance -----------------------------------------------------------------------------------
@@ -256,13 +258,13 @@ def chance_levels(cfg: SceneConfig, n: int = 1000, seed: int = 0) -> dict[str, d
     out: dict[str, dict[str, float]] = {"geneval": {}, "vqa": {}, "vqa_majority": {},
                                         "caption": {}, "edit": {}, "edit_copy": {}}
     for c, category in enumerate(CATEGORIES):
-        hits = [score_prompt(sample_prompt(_rng(seed, 10, c, i), cfg, category),
-                             sample_scene(_rng(seed, 11, c, i), cfg)) for i in range(n)]
+        hits = [score_prompt(sample_prompt(eval_rng(seed, 10, c, i), cfg, category),
+                             sample_scene(eval_rng(seed, 11, c, i), cfg)) for i in range(n)]
         out["geneval"][category] = _mean(hits)
     votes: dict[str, list[bool]] = {t: [] for t in QUESTION_TYPES}
     answers: dict[str, list[str]] = {t: [] for t in QUESTION_TYPES}
     for i, (_, pairs) in enumerate(eval_vqa(cfg, n, seed + 1)):
-        rng = _rng(seed, 12, i)
+        rng = eval_rng(seed, 12, i)
         for qa in pairs:
             votes[qa.type].append(answer_correct(pick(rng, answer_space(qa.type, cfg)), qa))
             answers[qa.type].append(qa.answer)
@@ -276,8 +278,8 @@ def chance_levels(cfg: SceneConfig, n: int = 1000, seed: int = 0) -> dict[str, d
     tol = default_pos_tol(cfg.image_size)
     for op in EDIT_OPS:
         mine = [e for e in edits if e.op == op]
-        out["edit"][op] = _mean([match_scene(e.target, sample_scene(_rng(seed, 13, i), cfg), tol)
-                                 for i, e in enumerate(mine)])
+        out["edit"][op] = _mean([match_scene(e.target, sample_scene(eval_rng(seed, 13, i), cfg),
+                                             tol) for i, e in enumerate(mine)])
         out["edit_copy"][op] = _mean([match_scene(e.target, e.source, tol) for e in mine])
     return out
 
@@ -310,5 +312,6 @@ def wrong_scene(rng: np.random.Generator, cfg: SceneConfig, spec: PromptSpec) ->
 
 __all__ = ["EVAL_SALT", "CategoryScore", "EvalTable", "answer_correct", "caption_accuracy",
            "chance_levels", "default_pos_tol", "detector_accuracy", "edit_accuracy",
-           "edit_correct", "eval_captions", "eval_edits", "eval_prompts", "eval_vqa", "evaluate",
+           "edit_correct", "eval_captions", "eval_edits", "eval_prompts", "eval_rng", "eval_vqa",
+           "evaluate",
            "geneval", "geneval_image", "score_prompt", "vqa_accuracy", "wrong_scene"]
