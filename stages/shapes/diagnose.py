@@ -88,14 +88,13 @@ def diagnose(run: Loaded, cfg: SceneConfig, per_category: int = 16, steps: int =
              categories: Sequence[str] = CATEGORIES) -> Diagnosis:
     """Completion accuracy per t0 and prompt sensitivity per t (see the module doc);
     unguided, with the run's training timestep shift unless `shift` is given."""
-    from weft.model.inference import Interleaver
-    from weft.stages.shapes.evaluate import _markers, _pixels, _uint8
+    from weft.model.flow import noise_latents
+    from weft.stages.shapes.evaluate import _pixels, _uint8, prompt_contexts
 
     items = diagnosis_items(cfg, per_category, seed, categories)
     if len(items) < 2:
         raise ValueError("a diagnosis needs at least two prompts with a scene")
     shift = run.model.config.timestep_shift if shift is None else shift
-    start, _ = _markers(run)
     prompts = [spec.prompt for spec, _ in items]
     others = prompts[1:] + prompts[:1]
     latents = [z.float().cpu() for z in run.codec.encode([_pixels(run, im) for _, im in items])]
@@ -106,24 +105,18 @@ def diagnose(run: Loaded, cfg: SceneConfig, per_category: int = 16, steps: int =
     errors: dict[float, tuple[list[float], list[float]]] = {t: ([], []) for t in sensitivity_t}
     for lo in range(0, len(items), batch_size):
         chunk = range(lo, min(len(items), lo + batch_size))
-
-        def context(texts: Sequence[str], chunk: range = chunk) -> Interleaver:
-            inter = Interleaver(run.model, run.codec, batch_size=len(chunk),
-                                vit_max_patches=run.spec.vit_max_patches)
-            inter.append_text([run.text.encode(texts[i]) + start for i in chunk])
-            return inter
-
-        own, other = context(prompts), context(others)
+        own = prompt_contexts(run, [prompts[i] for i in chunk])
+        other = prompt_contexts(run, [others[i] for i in chunk])
         for t0 in completion_t0:
-            x_t = [(1 - t0) * latents[i] + t0 * noise[i] for i in chunk]
+            x_t = [noise_latents(latents[i], t0, noise[i])[0] for i in chunk]
             out = own.generate_latents(size, size, steps, shift, 1.0, 1.0, start=x_t,
                                        start_t=t0)
             images = run.codec.decode(out)
             correct[t0] += [geneval_image(items[i][0], _uint8(im))
                             for i, im in zip(chunk, images, strict=True)]
         for t in sensitivity_t:
-            x_t = [(1 - t) * latents[i] + t * noise[i] for i in chunk]
-            target = [noise[i] - latents[i] for i in chunk]
+            x_t, target = zip(*(noise_latents(latents[i], t, noise[i]) for i in chunk),
+                              strict=True)
             for inter, sink in ((own, errors[t][0]), (other, errors[t][1])):
                 v = inter.velocities(x_t, t)
                 sink += [float(((a.cpu() - b) ** 2).mean()) for a, b in

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ from weft.stages.shapes.text import (
 )
 from weft.train.sample import Loaded, load_run
 
+if TYPE_CHECKING:
+    from weft.model.inference import Interleaver
+
 TASKS = ("geneval", "edit", "vqa", "caption")
 
 
@@ -73,23 +76,32 @@ def _chunks(n: int, size: int) -> list[range]:
     return [range(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def prompt_contexts(run: Loaded, prompts: Sequence[str],
+                    sources: Sequence[np.ndarray] | None = None) -> Interleaver:
+    """One context per prompt, ready to generate: the t2i layout (prompt, image start), or
+    the edit layout when `sources` are given (source image, instruction, image start)."""
+    from weft.model.inference import Interleaver
+
+    start, end = _markers(run)
+    inter = Interleaver(run.model, run.codec, batch_size=len(prompts),
+                        vit_max_patches=run.spec.vit_max_patches)
+    if sources is not None:
+        if start:
+            inter.append_text([start] * len(prompts))
+        inter.append_image([_pixels(run, source) for source in sources])
+    inter.append_text([end * (sources is not None) + run.text.encode(prompt) + start
+                       for prompt in prompts])
+    return inter
+
+
 def generate(run: Loaded, prompts: Sequence[str], size: int, steps: int,
              sources: Sequence[np.ndarray] | None = None, batch_size: int = 8,
              seed: int = 0, **guidance: Any) -> list[np.ndarray]:
     """One image per prompt (an edit of `sources[i]` when given), as uint8 RGB."""
-    from weft.model.inference import Interleaver
-
-    start, end = _markers(run)
     out: list[np.ndarray] = []
     for chunk in _chunks(len(prompts), batch_size):
-        inter = Interleaver(run.model, run.codec, batch_size=len(chunk),
-                            vit_max_patches=run.spec.vit_max_patches)
-        if sources is not None:
-            if start:
-                inter.append_text([start] * len(chunk))
-            inter.append_image([_pixels(run, sources[i]) for i in chunk])
-        inter.append_text([end * (sources is not None) + run.text.encode(prompts[i]) + start
-                           for i in chunk])
+        inter = prompt_contexts(run, [prompts[i] for i in chunk],
+                                None if sources is None else [sources[i] for i in chunk])
         gens = [torch.Generator().manual_seed(seed + i) for i in chunk]
         images = inter.generate_image(size, size, steps=steps, generator=gens, append=False,
                                       **guidance)
@@ -160,10 +172,20 @@ def evaluate_run(train_run_dir: str | Path, shapes_config: Any = None,
     to `Interleaver.generate_image` (cfg_text_scale, cfg_image_scale, ...). Returns the
     table and the PNG paths.
     """
-    cfg = _scene_config(shapes_config, train_run_dir)
-    run = load_run(train_run_dir, weights)
-    guidance["shift"] = run.model.config.timestep_shift if shift is None else shift
     out = Path(out_dir) if out_dir is not None else Path(train_run_dir) / "eval-shapes"
+    return evaluate_loaded(load_run(train_run_dir, weights),
+                           _scene_config(shapes_config, train_run_dir), out, n_per_category,
+                           steps, tasks, seed, batch_size, chance_n, vqa_types, shift,
+                           **guidance)
+
+
+def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: int = 8,
+                    steps: int = 20, tasks: Sequence[str] = TASKS, seed: int = 0,
+                    batch_size: int = 8, chance_n: int = 300,
+                    vqa_types: Sequence[str] = QUESTION_TYPES, shift: float | None = None,
+                    **guidance: Any) -> tuple[EvalTable, list[Path]]:
+    """`evaluate_run` on a run already loaded, in world `cfg`, writing under `out`."""
+    guidance["shift"] = run.model.config.timestep_shift if shift is None else shift
     out.mkdir(parents=True, exist_ok=True)
     chance = chance_levels(cfg, chance_n, seed)
     results: list[tuple[str, bool]] = []
@@ -287,20 +309,21 @@ def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = Non
     import json
 
     out = Path(out_dir) if out_dir is not None else Path(checkpoint_dir) / "eval-shapes"
-    table, pngs = evaluate_run(checkpoint_dir, shapes_config, n_per_category, steps, out,
-                               cfg_text_scale=cfg_text_scale, cfg_image_scale=cfg_image_scale)
+    run, cfg = load_run(checkpoint_dir), _scene_config(shapes_config, checkpoint_dir)
+    table, pngs = evaluate_loaded(run, cfg, out, n_per_category, steps,
+                                  cfg_text_scale=cfg_text_scale,
+                                  cfg_image_scale=cfg_image_scale)
     markdown = f"{table.to_markdown()}\n\nper task: {task_means(table)}"
     if diagnose:
         from weft.stages.shapes.diagnose import diagnose as run_diagnosis
 
-        found = run_diagnosis(load_run(checkpoint_dir),
-                              _scene_config(shapes_config, checkpoint_dir),
-                              n_per_category, steps)
+        found = run_diagnosis(run, cfg, n_per_category, steps)
         (out / "diagnose.md").write_text(found.to_markdown() + "\n")
         (out / "diagnose.json").write_text(json.dumps(found.as_dict(), indent=2) + "\n")
         markdown += "\n\n" + found.to_markdown()
     return markdown, pngs
 
 
-__all__ = ["TASKS", "Loaded", "answer", "eval_shapes_cli", "evaluate_run", "generate",
-           "load_run", "task_mean", "task_means", "trained_scene"]
+__all__ = ["TASKS", "Loaded", "answer", "eval_shapes_cli", "evaluate_loaded", "evaluate_run",
+           "generate", "load_run", "prompt_contexts", "task_mean", "task_means",
+           "trained_scene"]

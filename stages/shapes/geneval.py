@@ -313,5 +313,4 @@ def wrong_scene(rng: np.random.Generator, cfg: SceneConfig, spec: PromptSpec) ->
 __all__ = ["EVAL_SALT", "CategoryScore", "EvalTable", "answer_correct", "caption_accuracy",
            "chance_levels", "default_pos_tol", "detector_accuracy", "edit_accuracy",
            "edit_correct", "eval_captions", "eval_edits", "eval_prompts", "eval_rng", "eval_vqa",
-           "evaluate",
-           "geneval", "geneval_image", "score_prompt", "vqa_accuracy", "wrong_scene"]
+           "evaluate", "geneval", "geneval_image", "score_prompt", "vqa_accuracy", "wrong_scene"]
