@@ -22,7 +22,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from weft.pipelines.common import ConfigError, code_version
-from weft.pipelines.shard import DEFAULT_MAX_SHARD_BYTES, ShardSetSummary, write_shards
+from weft.pipelines.shard import (
+    DEFAULT_MAX_SHARD_BYTES,
+    MIXTURE_FILE,
+    ShardSetSummary,
+    write_shards,
+)
 from weft.pipelines.shard_samples import Converted, convert_run, run_pipeline
 from weft.schemas.config_doc import render_defaults, validation_problems
 from weft.schemas.ids import hash_of
@@ -31,7 +36,6 @@ from weft.schemas.policy import Bounds, Policy
 from weft.schemas.run_dir import write_atomic
 
 SHARD_STAGE = StagePlan("shard", "1", "map")
-MIXTURE_FILE = "mixture.json"
 MIXTURE_FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 

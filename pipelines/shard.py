@@ -47,6 +47,7 @@ from weft.schemas.shards import (
 
 DEFAULT_MAX_SHARD_BYTES = 1_000_000_000
 INDEX_NAME = "index.json"
+MIXTURE_FILE = "mixture.json"  # shard sets and their sampling weights (pipelines/mixture.py)
 MANIFEST_NAME = "manifest.parquet"
 TAR_MTIME = 0
 TAR_MODE = 0o644
@@ -440,7 +441,8 @@ def safe_shard_name(name: Any) -> str:
 
 
 __all__ = [
-    "DEFAULT_MAX_SHARD_BYTES", "IMAGE_EXTS", "INDEX_NAME", "MANIFEST_NAME", "ShardInfo",
+    "DEFAULT_MAX_SHARD_BYTES", "IMAGE_EXTS", "INDEX_NAME", "MANIFEST_NAME", "MIXTURE_FILE",
+    "ShardInfo",
     "ShardSetSummary", "VerifyReport",
     "record_bytes", "safe_shard_name", "verify_shards", "write_shards",
 ]

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from weft.model.mot import UnifiedConfig
 from weft.model.packed import PackedBatch
-from weft.pipelines.shard import INDEX_NAME
+from weft.pipelines.shard import INDEX_NAME, MIXTURE_FILE
 from weft.train.config import DataConfig
 from weft.train.images import ImageSpec, check_image_config, vit_patch_size
 from weft.train.packer import PackStats, PlanPreparer, PreparedPlan, TextTokens, TokenPacker
@@ -52,7 +52,6 @@ from weft.train.shard_loader import (
 
 log = logging.getLogger(__name__)
 
-MIXTURE_FILE = "mixture.json"
 STATE_FORMAT = "weft-data-state-v1"
 _EMPTY_EPOCHS = 3  # a dataset whose reader finds nothing this many epochs running stops
 

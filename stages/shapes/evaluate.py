@@ -260,8 +260,8 @@ def trained_scene(train_run_dir: str | Path) -> SceneConfig | None:
     import json
 
     from weft.pipelines.shapes import PIPELINE, load_config
+    from weft.pipelines.shard import MIXTURE_FILE
     from weft.pipelines.shard_samples import run_pipeline
-    from weft.train.data import MIXTURE_FILE
 
     config = Path(train_run_dir) / "config.json"
     if not config.is_file():

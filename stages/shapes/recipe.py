@@ -191,7 +191,7 @@ def prepare(recipe: ShapesRecipe, out: str | Path,
             progress: bool = False) -> tuple[Any, dict[str, float]]:
     """Data, VAE and ViT under OUT; the training config (run_dir OUT/train) and timings.
     progress: tqdm bars for the long steps."""
-    from weft.stages.shapes.vae_train import train_shapes_vae
+    from weft.stages.shapes.vae_train import reconstruction_report, train_shapes_vae
 
     out = Path(out)
     seconds: dict[str, float] = {}
@@ -208,7 +208,9 @@ def prepare(recipe: ShapesRecipe, out: str | Path,
                            lr=recipe.vae.lr, widths=tuple(recipe.vae.widths),
                            scene=shapes_config.scene, progress=progress)
     seconds["vae"] = time.perf_counter() - start
-    log(f"vae: {vae} ({seconds['vae']:.0f} s)")
+    recon = reconstruction_report(vae, scene=shapes_config.scene)
+    log(f"vae: {vae} ({seconds['vae']:.0f} s; the detector reads {recon['detect']:.2f} of "
+        f"64 fresh scenes back from its reconstructions, l1 {recon['l1']:.3f})")
     start = time.perf_counter()
     vit = shapes_vit(out / "models", recipe.vit)
     paths = machine_paths(out / "models", vae, vit, shards, out / "train")

@@ -145,12 +145,15 @@ def load_stats(vae_dir: str | Path) -> VaeTrainStats:
 
 
 def reconstruction_report(vae_dir: str | Path, n: int = 64, seed: int = 1,
-                          pos_tol: float | None = None) -> dict[str, float]:
-    """How well a saved VAE round-trips fresh scenes through `LatentCodec`.
+                          pos_tol: float | None = None, scene: SceneConfig | None = None
+                          ) -> dict[str, float]:
+    """How well a saved VAE round-trips fresh scenes of `scene` (default: the shapes
+    world's defaults at the VAE's size) through `LatentCodec`.
 
     l1: mean absolute pixel error in [-1, 1] units; detect: share of scenes the detector
     reads back from the reconstruction (same objects, centres within pos_tol, default
     an eighth of the side, as edits are scored); latent_std: std of normalised latents.
+    The detector share bounds every generation score: a sample is decoded by this VAE.
     """
     from weft.model.vae import LatentCodec
     from weft.stages.shapes.detect import detect, match_scene
@@ -158,7 +161,9 @@ def reconstruction_report(vae_dir: str | Path, n: int = 64, seed: int = 1,
 
     codec = LatentCodec.from_pretrained(vae_dir)
     size = int(codec.vae.config.sample_size)
-    cfg = SceneConfig(image_size=size)
+    cfg = scene or SceneConfig(image_size=size)
+    if cfg.image_size != size:
+        raise ValueError(f"scene image_size {cfg.image_size} != the VAE's sample_size {size}")
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, cfg) for _ in range(n)]
     x = torch.stack([torch.from_numpy(render(s)).permute(2, 0, 1).float() / 127.5 - 1.0

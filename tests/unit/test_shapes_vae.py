@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from weft.model.vae import LatentCodec
+from weft.stages.shapes.scene import SceneConfig
 from weft.stages.shapes.vae_train import load_stats, reconstruction_report, train_shapes_vae
 
 
@@ -36,3 +37,11 @@ def test_training_is_reused_when_the_directory_is_complete(vae_dir) -> None:
     before = (vae_dir / "config.json").stat().st_mtime_ns
     assert train_shapes_vae(vae_dir, steps=5) == vae_dir
     assert (vae_dir / "config.json").stat().st_mtime_ns == before
+
+
+def test_reconstruction_report_reads_the_asked_world_at_the_vaes_size(vae_dir) -> None:
+    world = SceneConfig(image_size=64, shapes=("circle", "square"), colours=("red", "blue"))
+    report = reconstruction_report(vae_dir, n=3, scene=world)
+    assert 0.0 <= report["detect"] <= 1.0 and report["l1"] > 0
+    with pytest.raises(ValueError, match="sample_size 64"):
+        reconstruction_report(vae_dir, n=1, scene=SceneConfig(image_size=128))
