@@ -145,8 +145,8 @@ def load_stats(vae_dir: str | Path) -> VaeTrainStats:
 
 
 def reconstruction_report(vae_dir: str | Path, n: int = 64, seed: int = 1,
-                          pos_tol: float | None = None, scene: SceneConfig | None = None
-                          ) -> dict[str, float]:
+                          pos_tol: float | None = None, scene: SceneConfig | None = None,
+                          latent_noise: float = 0.0) -> dict[str, float]:
     """How well a saved VAE round-trips fresh scenes of `scene` (default: the shapes
     world's defaults at the VAE's size) through `LatentCodec`.
 
@@ -154,6 +154,8 @@ def reconstruction_report(vae_dir: str | Path, n: int = 64, seed: int = 1,
     reads back from the reconstruction (same objects, centres within pos_tol, default
     an eighth of the side, as edits are scored); latent_std: std of normalised latents.
     The detector share bounds every generation score: a sample is decoded by this VAE.
+    latent_noise: std of Gaussian noise added to the (unit-variance) latents before
+    decoding, i.e. how far off a generated latent may be and still decode right.
     """
     from weft.model.vae import LatentCodec
     from weft.stages.shapes.detect import detect, match_scene
@@ -169,11 +171,14 @@ def reconstruction_report(vae_dir: str | Path, n: int = 64, seed: int = 1,
     x = torch.stack([torch.from_numpy(render(s)).permute(2, 0, 1).float() / 127.5 - 1.0
                      for s in scenes])
     latents = codec.encode(list(x))
+    z = torch.stack(latents)
+    if latent_noise:
+        gen = torch.Generator().manual_seed(seed)
+        latents = [lat + latent_noise * torch.randn(lat.shape, generator=gen) for lat in latents]
     recon = torch.stack(codec.decode(latents))
     tol = default_pos_tol(size) if pos_tol is None else pos_tol
     hits = [match_scene(s, detect(im), tol) for s, im in zip(scenes, to_uint8(recon),
                                                              strict=True)]
-    z = torch.stack(latents)
     return {"l1": float((recon - x).abs().mean()), "detect": float(np.mean(hits)),
             "latent_mean": float(z.mean()), "latent_std": float(z.std())}
 

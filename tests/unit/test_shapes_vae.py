@@ -43,5 +43,7 @@ def test_reconstruction_report_reads_the_asked_world_at_the_vaes_size(vae_dir) -
     world = SceneConfig(image_size=64, shapes=("circle", "square"), colours=("red", "blue"))
     report = reconstruction_report(vae_dir, n=3, scene=world)
     assert 0.0 <= report["detect"] <= 1.0 and report["l1"] > 0
+    noisy = reconstruction_report(vae_dir, n=3, scene=world, latent_noise=3.0)
+    assert noisy["l1"] > report["l1"]  # far-off latents decode worse
     with pytest.raises(ValueError, match="sample_size 64"):
         reconstruction_report(vae_dir, n=1, scene=SceneConfig(image_size=128))
