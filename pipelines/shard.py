@@ -442,7 +442,6 @@ def safe_shard_name(name: Any) -> str:
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES", "IMAGE_EXTS", "INDEX_NAME", "MANIFEST_NAME", "MIXTURE_FILE",
-    "ShardInfo",
-    "ShardSetSummary", "VerifyReport",
+    "ShardInfo", "ShardSetSummary", "VerifyReport",
     "record_bytes", "safe_shard_name", "verify_shards", "write_shards",
 ]

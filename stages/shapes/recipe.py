@@ -208,9 +208,10 @@ def prepare(recipe: ShapesRecipe, out: str | Path,
                            lr=recipe.vae.lr, widths=tuple(recipe.vae.widths),
                            scene=shapes_config.scene, progress=progress)
     seconds["vae"] = time.perf_counter() - start
-    recon = reconstruction_report(vae, scene=shapes_config.scene)
+    recon_n = 64
+    recon = reconstruction_report(vae, n=recon_n, scene=shapes_config.scene)
     log(f"vae: {vae} ({seconds['vae']:.0f} s; the detector reads {recon['detect']:.2f} of "
-        f"64 fresh scenes back from its reconstructions, l1 {recon['l1']:.3f})")
+        f"{recon_n} fresh scenes back from its reconstructions, l1 {recon['l1']:.3f})")
     start = time.perf_counter()
     vit = shapes_vit(out / "models", recipe.vit)
     paths = machine_paths(out / "models", vae, vit, shards, out / "train")
