@@ -229,14 +229,20 @@ def eval_edits(cfg: SceneConfig, per_op: int, seed: int = 0) -> list[Edit]:
     return out
 
 
-def eval_vqa(cfg: SceneConfig, n: int, seed: int = 0, per_image: int = 3,
+def eval_vqa(cfg: SceneConfig, per_type: int, seed: int = 0,
              types: tuple[str, ...] = QUESTION_TYPES) -> list[tuple[Scene, list[QA]]]:
-    """n scenes, each with up to per_image questions (types drawn uniformly from `types`)."""
+    """per_type scenes of each question type, one question each: every type gets the same
+    number of items (types drawn at random left some rows at 19 of 144)."""
     out = []
-    for i in range(n):
-        rng = eval_rng(seed, 2, i)
-        scene = sample_scene(rng, cfg)
-        out.append((scene, vqa_pairs(rng, scene, cfg, per_image, types)))
+    for t, qtype in enumerate(types):
+        for i in range(per_type):
+            for attempt in range(100):
+                rng = eval_rng(seed, 2, t, i, attempt)
+                scene = sample_scene(rng, cfg)
+                qas = vqa_pairs(rng, scene, cfg, 1, (qtype,))
+                if qas:
+                    out.append((scene, qas))
+                    break
     return out
 
 

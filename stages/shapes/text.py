@@ -188,10 +188,11 @@ def _question(rng: np.random.Generator, scene: Scene, cfg: SceneConfig,
     objs = list(scene.objects)
     if qtype == "count":
         return QA(qtype, "How many objects are there?", str(len(objs)))
-    if qtype == "count_shape":  # half the time a shape it has, so "0" is not the easy answer
-        shape = pick(rng, sorted({o.shape for o in objs}) if rng.integers(2) else cfg.shapes)
-        return QA(qtype, f"How many {shape}s are there?",
-                  str(sum(o.shape == shape for o in objs)))
+    if qtype == "count_shape":  # the answer is drawn first, so no count is the easy guess
+        counts = {s: sum(o.shape == s for o in objs) for s in cfg.shapes}
+        n = pick(rng, sorted(set(counts.values())))
+        shape = pick(rng, sorted(s for s, c in counts.items() if c == n))
+        return QA(qtype, f"How many {shape}s are there?", str(n))
     if qtype == "colour":
         alone = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
         if not alone:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -53,7 +55,7 @@ def test_chance_is_low_for_every_category(chance) -> None:
         chance["geneval"]["single_object"]
     assert set(chance["vqa"]) == set(QUESTION_TYPES)
     assert all(abs(chance["vqa"][t] - 0.5) < 0.1 for t in ("position", "exists"))
-    assert all(v < 0.65 for v in chance["vqa_majority"].values())
+    assert all(v < 0.55 for v in chance["vqa_majority"].values())  # no answer is a free win
     assert chance["caption"]["caption"] < 0.05
     assert all(v == 0.0 for v in chance["edit_copy"].values())
     assert all(v < 0.05 for v in chance["edit"].values())
@@ -71,6 +73,7 @@ def test_edits_score_on_the_target_only() -> None:
 def test_vqa_and_caption_accuracy() -> None:
     items = eval_vqa(CFG, 50)
     qas = [qa for _, pairs in items for qa in pairs]
+    assert Counter(qa.type for qa in qas) == {t: 50 for t in QUESTION_TYPES}
     assert vqa_accuracy([qa.answer for qa in qas], qas) == 1.0
     assert vqa_accuracy(["Yes.", "THREE", "no"], ["yes", "3", "yes"]) == pytest.approx(2 / 3)
     scenes = eval_captions(CFG, 50)
