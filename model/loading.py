@@ -199,9 +199,19 @@ def load_qwen2_into(backbone: MoTBackbone, directory: str | Path) -> LoadReport:
         if _is_qk_norm(name) and _und_source(name) is None:
             param.fill_(1.0)
             report.initialized.append(name)
-    for name, param in params.items():  # after the q/k norms: gen copies und's
+    report.copied += copy_understanding_expert(backbone)  # after the q/k norms
+    return report
+
+
+@torch.no_grad()
+def copy_understanding_expert(backbone: MoTBackbone) -> list[str]:
+    """Set every generation-expert parameter to its understanding twin (BAGEL starts both
+    experts from one LLM); returns the names set."""
+    params = dict(backbone.named_parameters())
+    copied = []
+    for name, param in params.items():
         source = _und_source(name)
         if source is not None:
             param.copy_(params[source])
-            report.copied.append(name)
-    return report
+            copied.append(name)
+    return copied

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,9 @@ class UnifiedConfig(BaseModel):
     latent_max_grid: int = Field(64, gt=0, description="largest latent-token grid side")
     timestep_shift: float = Field(1.0, gt=0, description="shift of the logit-normal training "
                                                          "timesteps (larger: noisier)")
+    gen_expert_init: Literal["copy", "random"] = Field(
+        "random", description="random init only (a checkpoint always copies): the "
+        "generation expert starts as a copy of the understanding one (BAGEL) or its own draw")
 
     @property
     def latent_token_dim(self) -> int:
@@ -78,6 +82,14 @@ class LossOutput:
     @property
     def mse(self) -> torch.Tensor:
         return self.mse_sum / max(self.mse_tokens, 1)
+
+
+def loss_token_counts(batch: PackedBatch) -> tuple[int, int]:
+    """(CE tokens, MSE tokens) the forward of `batch` will report, read from the batch
+    alone: a trainer pooling micro-batches needs the totals before the first backward."""
+    ce = int((batch.labels != IGNORE_INDEX).sum())
+    mse = int(batch.vae_loss[batch.vae_token_image].sum()) if len(batch.vae_index) else 0
+    return ce, mse
 
 
 @dataclass
@@ -114,6 +126,10 @@ class MoTModel(nn.Module):
             from weft.model.loading import load_qwen2_into
 
             load_qwen2_into(model.backbone, llm_checkpoint)
+        elif config.gen_expert_init == "copy":
+            from weft.model.loading import copy_understanding_expert
+
+            copy_understanding_expert(model.backbone)
         return model
 
     # ---- inputs --------------------------------------------------------------------------

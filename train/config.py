@@ -109,6 +109,8 @@ class OptimConfig(_Strict):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    grad_accum_steps: int = Field(1, ge=1, description="packs per optimizer step on each "
+                                  "rank; their tokens pool into one per-token loss")
     warmup_steps: int = Field(100, ge=0)
     schedule: Literal["constant", "cosine"] = Field("constant")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, as a fraction "

@@ -1,14 +1,19 @@
 """The training loop: packed batches in, a trained MoT model, checkpoints and metrics out.
 
-One step on every rank:
+One step on every rank, over its A = `optim.grad_accum_steps` packs (micro-batches):
 
-    batch.to(device) → latents = codec.encode(batch.vae_images)  (frozen VAE, no grad)
-    → model(batch, latents, generator=noise(seed, step, rank))
-                                  → ce_sum, ce_tokens, mse_sum, mse_tokens of this rank
-    → all-reduce the four numbers                                (global token counts)
-    → loss = W · (ce_weight · ce_sum / CE_global + mse_weight · mse_sum / MSE_global)
-    → backward → clip (global norm) → AdamW step → lr step → EMA update
-    → metrics (every N) → checkpoint (every N, and at the end) → export (at the end)
+    CE, MSE = loss tokens of the A packs, all-reduced            (global token counts)
+    for each pack i:
+        pack.to(device) → latents = codec.encode(pack.vae_images) (frozen VAE, no grad)
+        → model(pack, latents, generator=noise(seed, step, rank · A + i))
+                                  → ce_sum_i, mse_sum_i
+        → backward of W · (ce_weight · ce_sum_i / CE + mse_weight · mse_sum_i / MSE)
+          (FSDP2 reduces gradients on the last pack only)
+    → all-reduce the loss sums (metrics) → clip (global norm) → AdamW step → lr step
+    → EMA update → metrics (every N) → checkpoint (every N, and at the end) → export
+
+Accumulating A packs on one rank gives the same gradient as the A packs spread over A
+ranks: the tokens pool, so a pack weighs what its tokens weigh, not 1/A.
 
 Why `W ·` (W = world size): FSDP2 averages gradients over ranks, so the applied gradient
 is (1/W) Σ_r ∇loss_r = ∇(ce_weight · Σ_r ce_sum_r / CE_global + ...), the gradient of the
@@ -20,7 +25,7 @@ use it: no ViT tokens, no labels), with or without FSDP, so AdamW sees the same 
 whatever the world size (FSDP2: `set_reduce_scatter_unused_params`).
 
 Exact resume: model init is seeded, the noise generator is seeded per (seed, step,
-rank), the data source restores its position, and model, optimizer, lr schedule, EMA
+pack), the data source restores its position, and model, optimizer, lr schedule, EMA
 and RNG states come back from the checkpoint. N steps straight and k steps + resume
 to N give the same losses at every step and the same weights.
 
@@ -46,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from weft.model.attention_backends import describe_backend
-from weft.model.mot import LossOutput, MoTModel
+from weft.model.mot import LossOutput, MoTModel, loss_token_counts
 from weft.model.packed import PackedBatch
 from weft.train.checkpoint import Checkpointer, export_safetensors, latest_checkpoint
 from weft.train.config import LossConfig, OptimConfig, TrainConfig, TrainConfigError
@@ -148,15 +153,17 @@ class TrainResult:
 
 # ---- pieces the loop (and tests) use ------------------------------------------------------
 
-def noise_seed(seed: int, step: int, rank: int) -> int:
-    """A 63-bit seed for (run seed, step, rank): flow noise and timesteps of that step."""
-    digest = hashlib.sha256(f"weft-noise:{seed}:{step}:{rank}".encode()).digest()
+def noise_seed(seed: int, step: int, stream: int) -> int:
+    """A 63-bit seed for (run seed, step, stream): flow noise and timesteps of one pack of
+    that step. stream = rank · grad_accum_steps + micro-batch, so the packs of a step get
+    the same noise whether they are spread over ranks or accumulated on one."""
+    digest = hashlib.sha256(f"weft-noise:{seed}:{step}:{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def noise_generator(seed: int, step: int, rank: int,
+def noise_generator(seed: int, step: int, stream: int,
                     device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(noise_seed(seed, step, rank))
+    return torch.Generator(device=device).manual_seed(noise_seed(seed, step, stream))
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
@@ -173,30 +180,40 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
                              **kernel)
 
 
-def global_loss(out: LossOutput, weights: LossConfig, info: DistInfo
-                ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss to backpropagate on this rank, and the step's global sums and counts.
-
-    loss_r = W · (ce_w · ce_sum_r / CE + mse_w · mse_sum_r / MSE) with CE, MSE the token
-    counts over all ranks: FSDP2's gradient average over W ranks turns Σ_r into the
-    global per-token mean (module doc).
-    """
-    device = out.ce_sum.device
-    stats = torch.stack([out.ce_sum.detach().double(),
-                         torch.tensor(float(out.ce_tokens), dtype=torch.float64, device=device),
-                         out.mse_sum.detach().double(),
-                         torch.tensor(float(out.mse_tokens), dtype=torch.float64,
-                                      device=device)])
+def global_token_counts(packs: Sequence[PackedBatch], info: DistInfo) -> tuple[float, float]:
+    """(CE, MSE): the loss tokens of this step's packs summed over all ranks, read from the
+    packs before any forward (`loss_token_counts`), so each pack's loss can be scaled by
+    the step's totals as it is backpropagated."""
+    local = [loss_token_counts(p) for p in packs]
+    counts = torch.tensor([float(sum(c for c, _ in local)), float(sum(m for _, m in local))],
+                          dtype=torch.float64, device=info.device)
     if info.initialized and info.world_size > 1:
-        dist.all_reduce(stats)
-    ce_sum, ce_tokens, mse_sum, mse_tokens = stats.tolist()
+        dist.all_reduce(counts)
+    ce_tokens, mse_tokens = counts.tolist()
+    return ce_tokens, mse_tokens
+
+
+def pack_loss(out: LossOutput, weights: LossConfig, counts: tuple[float, float],
+              world_size: int) -> torch.Tensor:
+    """One pack's share of the step's loss: W · (ce_w · ce_sum / CE + mse_w · mse_sum / MSE)
+    with CE, MSE the step's global token counts (module doc: the W undoes FSDP2's
+    average over ranks)."""
+    ce_n, mse_n = max(counts[0], 1.0), max(counts[1], 1.0)
+    return world_size * (weights.ce_weight * out.ce_sum / ce_n +
+                         weights.mse_weight * out.mse_sum / mse_n)
+
+
+def global_stats(sums: torch.Tensor, counts: tuple[float, float], weights: LossConfig,
+                 info: DistInfo) -> dict[str, float]:
+    """The step's global numbers from this rank's [ce_sum, mse_sum] over its packs."""
+    if info.initialized and info.world_size > 1:
+        dist.all_reduce(sums)
+    ce_sum, mse_sum = sums.tolist()
+    ce_tokens, mse_tokens = counts
     ce_n, mse_n = max(ce_tokens, 1.0), max(mse_tokens, 1.0)
-    loss = info.world_size * (weights.ce_weight * out.ce_sum / ce_n +
-                              weights.mse_weight * out.mse_sum / mse_n)
-    return loss, {"ce_sum": ce_sum, "ce_tokens": ce_tokens, "mse_sum": mse_sum,
-                  "mse_tokens": mse_tokens, "ce": ce_sum / ce_n, "mse": mse_sum / mse_n,
-                  "loss": weights.ce_weight * ce_sum / ce_n + weights.mse_weight * mse_sum /
-                  mse_n}
+    return {"ce_sum": ce_sum, "ce_tokens": ce_tokens, "mse_sum": mse_sum,
+            "mse_tokens": mse_tokens, "ce": ce_sum / ce_n, "mse": mse_sum / mse_n,
+            "loss": weights.ce_weight * ce_sum / ce_n + weights.mse_weight * mse_sum / mse_n}
 
 
 def default_data_source(config: TrainConfig, info: DistInfo) -> DataSource:
@@ -352,21 +369,40 @@ class Trainer:
                                                 (host or batch).vae_images)
             return self.codec.encode(batch.vae_images)
 
-    def train_step(self, batch: PackedBatch) -> StepLosses:
-        """Forward, backward, clip, optimizer, lr and EMA step on one packed batch."""
-        host_batch = batch  # token counts for metrics, without device syncs
-        batch = batch.to(self.info.device)
-        latents = self._encode(batch, host_batch)
-        generator = noise_generator(self.config.seed, self.step, self.info.rank,
-                                    self.info.device)
-        with autocast(self.plan, self.info.device):
-            out = self.model(batch, latents, generator=generator)
-        loss, stats = global_loss(out, self.config.loss, self.info)
+    def _next_packs(self) -> list[PackedBatch]:
+        return [self._next_batch() for _ in range(self.config.optim.grad_accum_steps)]
+
+    def _sync_gradients(self, sync: bool) -> None:
+        """FSDP2: reduce-scatter gradients on the last pack of a step only."""
+        if self.plan.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+
+    def train_step(self, batch: PackedBatch | Sequence[PackedBatch]) -> StepLosses:
+        """Forward and backward on each pack (micro-batch) of the step, their tokens pooled
+        into one per-token loss; then clip, optimizer, lr and EMA step."""
+        packs = [batch] if isinstance(batch, PackedBatch) else list(batch)
+        if not packs:
+            raise ValueError("a training step needs at least one pack")
+        counts = global_token_counts(packs, self.info)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.info.device)
+        labelled: list[int] = []
+        for i, host in enumerate(packs):  # host: token counts and cache keys, no syncs
+            self._sync_gradients(i == len(packs) - 1)
+            pack = host.to(self.info.device)
+            latents = self._encode(pack, host)
+            generator = noise_generator(self.config.seed, self.step,
+                                        self.info.rank * len(packs) + i, self.info.device)
+            with autocast(self.plan, self.info.device):
+                out = self.model(pack, latents, generator=generator)
+            pack_loss(out, self.config.loss, counts, self.info.world_size).backward()
+            sums += torch.stack([out.ce_sum.detach().double(), out.mse_sum.detach().double()])
+            labelled.append(out.ce_tokens)
+        stats = global_stats(sums, counts, self.config.loss, self.info)
         if not math.isfinite(stats["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"loss is {stats['loss']} at step {self.step + 1} (ce "
                                      f"{stats['ce']}, mse {stats['mse']}); the last "
                                      f"checkpoint is {latest_checkpoint(self.run_dir)}")
-        loss.backward()
         if not self.plan.fsdp:  # FSDP2 fills these itself (reduce_scatter_unused_params)
             for p in self.params:
                 if p.grad is None:
@@ -378,7 +414,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model)
         self.step += 1
-        self.metrics.record(host_batch, out.ce_tokens, stats, lr, grad_norm)
+        self.metrics.record(packs, labelled, stats, lr, grad_norm)
         return StepLosses(self.step, stats["loss"], stats["ce"], stats["mse"],
                           int(stats["ce_tokens"]), int(stats["mse_tokens"]), grad_norm, lr)
 
@@ -403,7 +439,7 @@ class Trainer:
         t0 = time.perf_counter()
         saved_at = self.start_step if self.resumed_from is not None else None
         while self.step < end:
-            result.history.append(self.train_step(self._next_batch()))
+            result.history.append(self.train_step(self._next_packs()))
             if self.metrics.should_log(self.step):
                 self.metrics.log(self.step)
             if self.step % self.config.checkpoint.every_steps == 0:

@@ -24,6 +24,7 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,17 +141,18 @@ class MetricsLogger:
                 f"{counts['total'] / 1e6:.1f}M total, {counts['active_text'] / 1e6:.1f}M "
                 f"active per text token; peak {peak}")
 
-    def record(self, batch: PackedBatch, labelled_tokens: int,
+    def record(self, packs: Sequence[PackedBatch], labelled_tokens: Sequence[int],
                global_losses: dict[str, float], lr: float, grad_norm: float) -> None:
-        """One step: this rank's batch (and its CE tokens), the step's global loss sums
+        """One step: this rank's packs (and their CE tokens), the step's global loss sums
         and token counts (ce_sum, ce_tokens, mse_sum, mse_tokens), lr and grad norm."""
         w = self.window
         w.steps += 1
         for key in ("ce_sum", "ce_tokens", "mse_sum", "mse_tokens"):
             setattr(w, key, getattr(w, key) + global_losses[key])
-        w.flops += batch_flops(self.llm, batch, labelled_tokens)
-        for kind, n in batch.token_counts().items():
-            w.kinds[kind] = w.kinds.get(kind, 0) + n
+        for pack, labelled in zip(packs, labelled_tokens, strict=True):
+            w.flops += batch_flops(self.llm, pack, labelled)
+            for kind, n in pack.token_counts().items():
+                w.kinds[kind] = w.kinds.get(kind, 0) + n
         self.last = {"lr": lr, "grad_norm": grad_norm}
 
     def should_log(self, step: int) -> bool:

@@ -1,7 +1,8 @@
 """FSDP2 for real: two gloo ranks on CPU train, save a DCP checkpoint, a second 2-process
 run resumes it, and the result equals a single-process reference of the same global
 batches (which checks FSDP2's sharding, the global per-token loss scaling and the
-unused-parameter handling). The export loads in one process. Ray Train smoke-runs it.
+unused-parameter handling). The export loads in one process. Accumulating two packs in
+one process matches the same reference. Ray Train smoke-runs it.
 """
 
 from __future__ import annotations
@@ -178,6 +179,33 @@ def test_fsdp2_two_ranks_train_resume_and_match_one_process(tmp_path) -> None:
                .splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(m["tokens"]["text"] > 0 for m in metrics)
+
+
+def test_accumulating_two_packs_on_one_process_equals_two_ranks(tmp_path) -> None:
+    """optim.grad_accum_steps 2 in one process: the same losses, gradient norms and weights
+    as the reference of two ranks' packs (which FSDP2 on two ranks matches above)."""
+    from safetensors.torch import load_file
+
+    from weft.train.loop import run_training
+
+    toys = _toys()
+    config = toys.tiny_train_config(tmp_path / "run", **{
+        **_CONFIG, "parallel": {"device": "cpu", "fsdp": "off"},
+        "optim": {"grad_accum_steps": 2}})
+    source = toys.ToySource(variety=True)  # pack i = rank i % 2's pack of step i // 2
+    result = run_training(config, source, codec=toys.PoolCodec())
+    assert result.step == 4 and source.index == 8  # two packs a step
+    ref_losses, ref_norms, ref_state = _reference(toys, tmp_path / "ref", world=2, steps=4)
+    assert [h.loss for h in result.history] == pytest.approx(ref_losses, abs=1e-5)
+    assert [h.grad_norm for h in result.history] == pytest.approx(ref_norms, rel=1e-4)
+    exported = load_file(str(result.export_dir / "model.safetensors"))
+    for key, value in ref_state.items():
+        torch.testing.assert_close(exported[key], value, atol=2e-5, rtol=1e-4, msg=key)
+    metrics = [json.loads(line) for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    packs = [toys.ToySource(variety=True).pack(i) for i in range(8)]
+    assert [m["tokens"]["text"] for m in metrics] == [
+        sum(p.token_counts()["text"] for p in packs[2 * s:2 * s + 2]) for s in range(4)]
 
 
 def test_ray_train_runs_the_same_loop(tmp_path) -> None:

@@ -114,3 +114,21 @@ def test_first_answer_token_is_a_target_but_never_across_documents() -> None:
     b.new_document().add_text([8, 9], loss=True)
     batch = b.build()
     assert batch.labels.tolist() == [-100, -100, 42, -100, 9, -100]
+
+
+@pytest.mark.parametrize("mode", ["mot", "moe"])
+def test_generation_expert_can_start_as_a_copy_of_the_understanding_one(mode) -> None:
+    """gen_expert_init copy: every gen weight equals its und twin, so at step 0 the model
+    computes what a dense one with the understanding weights would; random: its own draw."""
+    llm = MoTConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
+                    num_heads=4, num_kv_heads=2, layer_mode=mode, attention_backend="dense")
+    for init in ("copy", "random"):
+        torch.manual_seed(0)
+        params = dict(MoTModel.build(UnifiedConfig(llm=llm, gen_expert_init=init))
+                      .backbone.named_parameters())
+        twins = {n: ".".join("und" if p == "gen" else p for p in n.split("."))
+                 for n in params if "gen" in n.split(".")}
+        matrices = [n for n in twins if params[n].ndim >= 2]
+        assert matrices, "the model has a generation expert"
+        same = [torch.equal(params[n], params[twins[n]]) for n in matrices]
+        assert all(same) if init == "copy" else not any(same), (init, matrices)

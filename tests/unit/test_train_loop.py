@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from weft.model.packed import PackBuilder, PackedBatch
 from weft.train.config import LossConfig, TrainConfig, TrainConfigError
 from weft.train.ema import EMA
-from weft.train.loop import DataSource, global_loss, noise_generator
+from weft.train.loop import DataSource, global_stats, noise_generator, pack_loss
 from weft.train.parallel import DistInfo
 from weft.train.schedule import lr_factor
 
@@ -153,14 +153,37 @@ def test_ema_is_a_lerp_towards_the_weights_and_round_trips() -> None:
     assert not EMA(model, decay=0.0).enabled
 
 
-def test_global_loss_is_the_weighted_per_token_mean_on_one_rank() -> None:
+def test_pack_loss_is_its_share_of_the_steps_per_token_mean() -> None:
     from weft.model.mot import LossOutput
 
     out = LossOutput(torch.tensor(6.0), 3, torch.tensor(2.0), 4)
     info = DistInfo(0, 1, 0, torch.device("cpu"), None)
-    loss, stats = global_loss(out, LossConfig(ce_weight=0.25, mse_weight=1.0), info)
-    assert loss.item() == pytest.approx(0.25 * 2.0 + 0.5)
+    weights = LossConfig(ce_weight=0.25, mse_weight=1.0)
+    assert pack_loss(out, weights, (3.0, 4.0), 1).item() == pytest.approx(0.25 * 2.0 + 0.5)
+    # in a step of twice its tokens (another pack, or another rank) it weighs half
+    assert pack_loss(out, weights, (6.0, 8.0), 1).item() == pytest.approx(0.5)
+    stats = global_stats(torch.tensor([6.0, 2.0], dtype=torch.float64), (3.0, 4.0), weights,
+                         info)
     assert stats["ce"] == 2.0 and stats["mse"] == 0.5 and stats["ce_tokens"] == 3
+    assert stats["loss"] == pytest.approx(1.0)
+
+
+def test_loss_token_counts_match_the_forward() -> None:
+    """The counts a step scales by are read from the packs before any forward."""
+    from weft.model.mot import MoTModel, loss_token_counts
+
+    config = tiny_train_config("unused")
+    torch.manual_seed(0)
+    model = MoTModel.build(config.model.unified)
+    source, codec = ToySource(variety=True), PoolCodec()
+    seen = set()
+    for i in range(4):
+        pack = source.pack(i)
+        out = model(pack, codec.encode(pack.vae_images),
+                    generator=torch.Generator().manual_seed(i))
+        assert loss_token_counts(pack) == (out.ce_tokens, out.mse_tokens)
+        seen.add((out.ce_tokens > 0, out.mse_tokens > 0))
+    assert seen == {(True, True), (True, False)}  # some packs have no image to noise
 
 
 def test_noise_is_seeded_by_seed_step_and_rank() -> None:
