@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from weft.schemas.config_doc import deep_merge, read_yaml_mapping, validation_problems
 from weft.schemas.ids import hash_of
+from weft.stages.shapes.samples import GENERATOR_VERSION
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CPU_RECIPE = CONFIGS / "shapes-recipe-cpu.yaml"
@@ -197,7 +198,8 @@ def prepare(recipe: ShapesRecipe, out: str | Path,
     seconds: dict[str, float] = {}
     shapes_config = recipe.shapes_config()
     start = time.perf_counter()
-    shards = shapes_shards(out / f"data-{shapes_config.config_hash[:12]}", shapes_config)
+    data_key = hash_of("shapes-data", shapes_config.config_hash, GENERATOR_VERSION, length=12)
+    shards = shapes_shards(out / f"data-{data_key}", shapes_config)  # new samples: new dir
     seconds["data"] = time.perf_counter() - start
     log(f"data: {shards} ({seconds['data']:.0f} s)")
     start = time.perf_counter()
