@@ -12,7 +12,8 @@ exactly what it was taught:
 Prompts, edits, questions and scenes are the held-out sets of `geneval.py` (their own
 seed salt, never drawn by a shapes run). The detector scores images; answers are
 compared after `normalize_answer` (the first word only: a VQA answer is one word, and
-a sample's next question follows it without an eos). Rows are prefixed by task
+a sample's next question follows it without an eos; `closed_answer` reads a first word
+that runs on past an answer, "circleangle", as that answer). Rows are prefixed by task
 (`geneval/colors`, `vqa/colour`, `edit/move`, `caption`), each with its chance level;
 a VQA row's chance is the higher of a random answer and the type's most frequent answer
 (what a model that ignores the image learns).
@@ -47,6 +48,7 @@ from weft.stages.shapes.text import (
     CAPTION_QUESTION,
     CATEGORIES,
     QUESTION_TYPES,
+    answer_space,
     caption_correct,
     normalize_answer,
 )
@@ -141,6 +143,17 @@ def _first_word(text: str) -> str:
     return words[0] if words else ""
 
 
+def closed_answer(text: str, options: Sequence[str]) -> str:
+    """The reply's first word, or the answer-space entry it starts with (longest first):
+    answers are tokenized without a leading space, and a small model often runs the
+    answer's token into a fragment of another ("circle" + "angle" -> "circleangle")."""
+    word = _first_word(text)
+    for option in sorted(options, key=len, reverse=True):
+        if word.startswith(normalize_answer(option)):
+            return option
+    return word
+
+
 def _grid(rows: Sequence[Sequence[np.ndarray]], path: Path, scale: int = 2) -> Path:
     """Images in rows (padded with white), upscaled, written as one PNG."""
     from PIL import Image
@@ -222,7 +235,8 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
                  for qa in qas]
         answers = answer(run, [render(s) for s, _ in pairs], [qa.question for _, qa in pairs],
                          4, batch_size)
-        results += [(f"vqa/{qa.type}", answer_correct(_first_word(a), qa))
+        results += [(f"vqa/{qa.type}",
+                     answer_correct(closed_answer(a, answer_space(qa.type, cfg)), qa))
                     for (_, qa), a in zip(pairs, answers, strict=True)]
         # a blind model learns each type's answer prior, so that is the bar, not a coin
         chances.update({f"vqa/{k}": max(v, chance["vqa_majority"][k])

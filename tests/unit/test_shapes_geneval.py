@@ -96,3 +96,14 @@ def test_evaluation_sets_are_deterministic_and_apart_from_training() -> None:
     assert eval_prompts(CFG, 5, seed=1) != eval_prompts(CFG, 5, seed=2)
     prompts = [s.prompt for s in eval_prompts(CFG, 20) if s.category == "colors"]
     assert len(set(prompts)) == 20
+
+
+def test_a_reply_that_runs_on_past_its_answer_reads_as_that_answer() -> None:
+    from weft.stages.shapes.evaluate import closed_answer
+
+    shapes = ["circle", "square", "triangle"]
+    assert closed_answer("circleanglecircleangle", shapes) == "circle"
+    assert closed_answer("Triangle, I think", shapes) == "triangle"
+    assert closed_answer("tri", shapes) == "tri"  # not an answer: scored wrong
+    assert closed_answer("yesno", ["yes", "no"]) == "yes"
+    assert closed_answer("", ["yes", "no"]) == ""
