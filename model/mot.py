@@ -84,12 +84,20 @@ class LossOutput:
         return self.mse_sum / max(self.mse_tokens, 1)
 
 
+def loss_masks(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which tokens the losses count: [L] tokens with a CE label, [n VAE tokens] latent
+    tokens of images with an MSE target (the forward and `loss_token_counts` share it)."""
+    ce = batch.labels != IGNORE_INDEX
+    mse = batch.vae_loss[batch.vae_token_image] if len(batch.vae_index) else \
+        torch.zeros(0, dtype=torch.bool, device=batch.labels.device)
+    return ce, mse
+
+
 def loss_token_counts(batch: PackedBatch) -> tuple[int, int]:
     """(CE tokens, MSE tokens) the forward of `batch` will report, read from the batch
     alone: a trainer pooling micro-batches needs the totals before the first backward."""
-    ce = int((batch.labels != IGNORE_INDEX).sum())
-    mse = int(batch.vae_loss[batch.vae_token_image].sum()) if len(batch.vae_index) else 0
-    return ce, mse
+    ce, mse = loss_masks(batch)
+    return int(ce.sum()), int(mse.sum())
 
 
 @dataclass
@@ -217,14 +225,13 @@ class MoTModel(nn.Module):
             mask = build_attention_mask(batch, self.config.llm.attention_backend)
         out = self.backbone(hidden, batch, mask)
 
-        labelled = torch.nonzero(batch.labels != IGNORE_INDEX).flatten()
+        labelled_mask, with_loss = loss_masks(batch)
+        labelled = torch.nonzero(labelled_mask).flatten()
         if len(labelled):
             logits = self.backbone.lm_head(out[labelled]).float()
             ce_sum = F.cross_entropy(logits, batch.labels[labelled], reduction="sum")
         else:
             ce_sum = out.sum() * 0.0
-        with_loss = batch.vae_loss[batch.vae_token_image] if len(batch.vae_index) else \
-            torch.zeros(0, dtype=torch.bool, device=out.device)
         if bool(with_loss.any()):
             rows = batch.vae_index[with_loss]
             pred = self.latent(out[rows]).float()
