@@ -111,6 +111,9 @@ class OptimConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     grad_accum_steps: int = Field(1, ge=1, description="packs per optimizer step on each "
                                   "rank; their tokens pool into one per-token loss")
+    vit_lr_scale: float = Field(1.0, gt=0, description="the SigLIP2 encoder's learning rate "
+                                "as a fraction of lr (a random-init ViT learns shapes at a "
+                                "lower rate than the LLM's)")
     warmup_steps: int = Field(100, ge=0)
     schedule: Literal["constant", "cosine"] = Field("constant")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, as a fraction "

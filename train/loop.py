@@ -55,7 +55,7 @@ from weft.model.mot import LossOutput, MoTModel, loss_token_counts
 from weft.model.packed import PackedBatch
 from weft.train.checkpoint import Checkpointer, export_safetensors, latest_checkpoint
 from weft.train.config import LossConfig, OptimConfig, TrainConfig, TrainConfigError
-from weft.train.ema import EMA
+from weft.train.ema import EMA, clean_name
 from weft.train.latent_cache import LatentCache
 from weft.train.metrics import MetricsLogger
 from weft.train.parallel import (
@@ -167,17 +167,21 @@ def noise_generator(seed: int, step: int, stream: int,
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (no decay on norm gains and biases)."""
-    decay, no_decay = [], []
+    """AdamW; weight decay on matrices only (no decay on norm gains and biases); the
+    SigLIP2 encoder's parameters at `vit_lr_scale` times the learning rate."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": params, "weight_decay": wd}
-              for params, wd in ((decay, config.weight_decay), (no_decay, 0.0)) if params]
+            vit = clean_name(name).startswith("vision.")
+            decay = p.ndim >= 2 and not name.endswith(".bias")
+            groups.setdefault((vit, decay), []).append(p)
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True},
               "for-loop": {"foreach": False}}[config.implementation]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
-                             **kernel)
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
+          "lr": config.lr * (config.vit_lr_scale if vit else 1.0)}
+         for (vit, decay), params in sorted(groups.items())],
+        lr=config.lr, betas=config.betas, eps=config.eps, **kernel)
 
 
 def global_token_counts(packs: Sequence[PackedBatch], info: DistInfo) -> tuple[float, float]:

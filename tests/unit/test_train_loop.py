@@ -220,6 +220,37 @@ def _state(path: Path, weights: str) -> dict[str, torch.Tensor]:
     return load_file(str(path / f"{weights}.safetensors"))
 
 
+def test_optimizer_gives_the_vit_its_own_learning_rate(tmp_path, parts) -> None:
+    """vit_lr_scale sets the SigLIP2 parameters' rate (and the schedule scales it too);
+    every trainable parameter is in exactly one group; no decay on gains and biases."""
+    from weft.model.mot import MoTModel
+    from weft.train.loop import build_optimizer
+    from weft.train.schedule import build_scheduler
+
+    config = tiny_train_config(tmp_path / "run", vit_path=str(parts["vit"]),
+                               vae_path=str(parts["vae"]),
+                               optim={"lr": 1e-3, "vit_lr_scale": 0.25, "warmup_steps": 2,
+                                      "weight_decay": 0.1})
+    model = MoTModel.build(config.model.unified)
+    optimizer = build_optimizer(model, config.optim)
+    vit = {id(p) for p in model.vision.parameters()}
+    seen: list[int] = []
+    for group in optimizer.param_groups:
+        ids = [id(p) for p in group["params"]]
+        seen += ids
+        in_vit = {i in vit for i in ids}
+        assert len(in_vit) == 1  # a group is all ViT or all not
+        assert group["lr"] == pytest.approx(1e-3 * (0.25 if in_vit == {True} else 1.0))
+        assert group["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in group["params"])
+                                         else 0.0)
+    assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    assert vit <= set(seen)
+    scheduler = build_scheduler(optimizer, config.optim, 10)
+    scheduler.step()  # warm-up step 2 of 2: 2/3 of each group's own rate
+    lrs = sorted({round(g["lr"], 12) for g in optimizer.param_groups})
+    assert lrs == [pytest.approx(0.25 * 1e-3 * 2 / 3), pytest.approx(1e-3 * 2 / 3)]
+
+
 def test_tiny_model_learns_ce_and_mse_fall(tmp_path, parts) -> None:
     """Real tiny SigLIP2 and VAE, 40 steps over 4 packs: both losses fall; metrics written."""
     from weft.train.loop import run_training
