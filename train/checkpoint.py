@@ -135,6 +135,44 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 # ---- save / load --------------------------------------------------------------------------
 
+def optimizer_groups(optim_state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each parameter group of an optimizer state dict (`get_state_dict`'s, parameters by
+    name) as its size and a digest of its parameters' names: what must match for the state
+    to load into another optimizer."""
+    from weft.schemas.ids import hash_of
+
+    return [{"params": len(group["params"]), "names": hash_of(list(group["params"]),
+                                                              length=12)}
+            for group in optim_state["param_groups"]]
+
+
+def _saved_group_count(saved_keys: Any) -> int:
+    """How many parameter groups a DCP checkpoint's optimizer state has (from its keys:
+    `optim.param_groups.<i>.<field>`), for checkpoints that did not record their groups."""
+    prefix = "optim.param_groups."
+    return len({key[len(prefix):].split(".", 1)[0] for key in saved_keys
+                if key.startswith(prefix)})
+
+
+def _check_optimizer_groups(path: Path, train_state: dict[str, Any], saved_keys: Any,
+                            current: list[dict[str, Any]]) -> None:
+    """Refuse, before loading anything, a checkpoint whose optimizer groups its parameters
+    otherwise than this run's: loading it would fail deep in torch, or silently give one
+    group's moments and learning rate to another's parameters."""
+    saved = train_state.get("optimizer_groups")
+    count = len(saved) if saved is not None else _saved_group_count(saved_keys)
+    if count == len(current) and (saved is None or saved == current):
+        return
+    sizes = [group["params"] for group in current]
+    was = f"groups of {[group['params'] for group in saved]} parameters" if saved \
+        else f"{count} parameter groups"
+    raise CheckpointError(
+        f"{path}: its optimizer state has {was}, this run's optimizer has groups of {sizes} "
+        "parameters: the optimizer was built otherwise (another weft version, or a setting "
+        "that groups parameters, such as optim.vit_lr_scale), so its state cannot be "
+        "restored; resume with what saved it, or train into a new run_dir")
+
+
 @dataclass
 class Restored:
     """What a loaded checkpoint hands back to the loop (model and optimizer load in place)."""
@@ -170,15 +208,17 @@ class Checkpointer:
             shutil.rmtree(path)  # a cut-off save of this step, or a re-save after resume
         barrier(self.info)
         t0 = time.perf_counter()
+        state = self._state(model, optimizer, ema)
+        groups = optimizer_groups(state["optim"])
         with _single_process_quiet():
-            dcp.save(self._state(model, optimizer, ema), checkpoint_id=str(path),
-                     no_dist=not self.info.initialized)
+            dcp.save(state, checkpoint_id=str(path), no_dist=not self.info.initialized)
         torch.save({"rng": rng_state(self.info.device), "data": data_state,
                     "world_size": self.info.world_size},
                    path / f"rank-{self.info.rank:05d}.pt")
         if self.info.is_main:
             train_state = {"step": step, "world_size": self.info.world_size,
-                           "scheduler": scheduler.state_dict(), "time": time.time()}
+                           "scheduler": scheduler.state_dict(), "time": time.time(),
+                           "optimizer_groups": groups}
             (path / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
         barrier(self.info)  # every rank's shards and files are on disk
         if self.info.is_main:
@@ -213,6 +253,8 @@ class Checkpointer:
         t0 = time.perf_counter()
         state = self._state(model, optimizer, ema)
         saved_keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        train_state = read_train_state(path)
+        _check_optimizer_groups(path, train_state, saved_keys, optimizer_groups(state["optim"]))
         has_ema = any(key.startswith("ema.") for key in saved_keys)
         if "ema" in state and not has_ema:
             log.warning("checkpoint %s has no EMA: the EMA restarts from the loaded weights",
@@ -227,7 +269,6 @@ class Checkpointer:
                 ema.load_state_dict(state["ema"])
             else:
                 ema.shadow = EMA(model, ema.decay).shadow
-        train_state = read_train_state(path)
         scheduler.load_state_dict(train_state["scheduler"])
         data_state: Any = None
         saved_world = int(train_state.get("world_size", 0))

@@ -166,6 +166,11 @@ def noise_generator(seed: int, step: int, stream: int,
     return torch.Generator(device=device).manual_seed(noise_seed(seed, step, stream))
 
 
+# Optim settings a resumed run takes from the checkpoint's optimizer (param groups) and
+# LambdaLR (base_lrs) state rather than from its config.
+RESTORED_OPTIM = ("lr", "betas", "eps", "weight_decay", "vit_lr_scale", "implementation")
+
+
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (no decay on norm gains and biases); the
     SigLIP2 encoder's parameters at `vit_lr_scale` times the learning rate."""
@@ -325,6 +330,14 @@ class Trainer:
             if previous.get("data") != current["data"]:
                 log.warning("the data section changed since %s was written; the data "
                             "position is restored as saved", path)
+            restored = sorted(key for key in RESTORED_OPTIM
+                              if previous.get("optim", {}).get(key) != current["optim"][key])
+            if restored and existing is not None:
+                log.warning("optim %s changed since %s was written; the optimizer and "
+                            "lr-scheduler state come back from the checkpoint with the old "
+                            "values, so the change takes no effect on resume (warmup, "
+                            "schedule and grad_clip do take new values)",
+                            ", ".join(restored), path)
         barrier(self.info)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -363,6 +363,61 @@ def test_mixing_runs_in_one_run_dir_is_refused(tmp_path) -> None:
         run_training(fresh, ToySource(), codec=PoolCodec())
 
 
+def test_resume_with_a_changed_lr_warns_and_keeps_the_saved_schedule(tmp_path, caplog) -> None:
+    """The optimizer and LambdaLR state carry the old lr: a resumed run says so."""
+    from weft.train.loop import run_training
+
+    config = tiny_train_config(tmp_path, steps=4, checkpoint={"every_steps": 2})
+    first = run_training(config, ToySource(), codec=PoolCodec(), stop_at=2)
+    changed = tiny_train_config(tmp_path, steps=4, checkpoint={"every_steps": 2},
+                                optim={"lr": 0.1, "weight_decay": 0.5})
+    with caplog.at_level("WARNING", logger="weft.train"):
+        second = run_training(changed, ToySource(), codec=PoolCodec())
+    assert "optim lr, weight_decay changed" in caplog.text
+    straight = run_training(tiny_train_config(tmp_path / "straight", steps=4), ToySource(),
+                            codec=PoolCodec())
+    assert [h.lr for h in first.history + second.history] == \
+        pytest.approx([h.lr for h in straight.history], rel=1e-12)
+
+
+def test_checkpoint_of_an_optimizer_grouped_otherwise_is_refused_before_loading(
+        tmp_path) -> None:
+    """A checkpoint's optimizer state loads only into an optimizer with the same parameter
+    groups; otherwise a clear error, and the model is left as it was (recorded groups, or
+    for checkpoints that did not record them, the group count in the DCP metadata)."""
+    from weft.train.checkpoint import CheckpointError, read_train_state
+    from weft.train.loop import Trainer, run_training
+
+    result = run_training(tiny_train_config(tmp_path / "a", steps=2,
+                                            checkpoint={"every_steps": 2}),
+                          ToySource(), codec=PoolCodec())
+    saved = read_train_state(result.checkpoint)["optimizer_groups"]
+    assert len(saved) == 2 and all(group["params"] > 0 for group in saved)
+    trainer = Trainer(tiny_train_config(tmp_path / "b", steps=2), ToySource(), codec=PoolCodec())
+    try:
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        one_group = torch.optim.AdamW(trainer.model.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(one_group, lambda _: 1.0)
+        with pytest.raises(CheckpointError, match=r"optimizer state has groups of \[\d+, \d+\]"
+                           r" parameters, this run's optimizer has groups of \[\d+\]"):
+            trainer.checkpointer.load(result.checkpoint, trainer.model, one_group, scheduler,
+                                      trainer.ema)
+        state_file = result.checkpoint / "train_state.json"
+        state = json.loads(state_file.read_text())
+        del state["optimizer_groups"]  # as a checkpoint from before groups were recorded
+        state_file.write_text(json.dumps(state))
+        with pytest.raises(CheckpointError, match="optimizer state has 2 parameter groups"):
+            trainer.checkpointer.load(result.checkpoint, trainer.model, one_group, scheduler,
+                                      trainer.ema)
+        for key, value in trainer.model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        trainer.checkpointer.load(result.checkpoint, trainer.model, trainer.optimizer,
+                                  trainer.scheduler, trainer.ema)  # the right layout loads
+        assert any(not torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    finally:
+        trainer.close()
+
+
 def test_latent_cache_encodes_each_image_once_and_trains_identically(tmp_path, parts) -> None:
     """The real tiny VAE behind the cache: same latents, same losses, fewer encodes."""
     from weft.model.vae import LatentCodec
