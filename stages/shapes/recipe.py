@@ -5,6 +5,7 @@
     data   a shapes run (configs/shapes.yaml + the recipe's `shapes` section) -> shards
     vae    a FLUX-interface VAE trained on renders (`vae_train.train_shapes_vae`)
     vit    a tiny random-init SigLIP2 (its weights train with the model)
+           and the tokenizer: the tiny Qwen2.5's, or a BPE of the world's words
     train  the recipe's `train` section over configs/train.yaml + this machine's paths
     eval   the shapes evaluation of the trained export (table with chance, PNG grids)
 
@@ -65,6 +66,21 @@ class VitRecipe(BaseModel):
     patch_size: int = Field(8, gt=0)
 
 
+class TokenizerRecipe(BaseModel):
+    """Which tokenizer the backbone reads: the world's own or the tiny Qwen2.5's.
+
+    `shapes` trains a byte-level BPE on the world's texts (`tokenizer.py`): a few hundred
+    rows of embedding instead of 151k, which at width 128 are most of the model.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = Field("qwen2_5", pattern="^(qwen2_5|shapes)$",
+                      description="qwen2_5: the tiny Qwen2.5's 151k vocabulary; shapes: a "
+                                  "BPE trained on the world's texts")
+    vocab_size: int = Field(512, ge=259, description="shapes only: at most this many tokens "
+                            "(256 bytes and 3 special tokens included)")
+
+
 class EvalRecipe(BaseModel):
     """The held-out evaluation (`evaluate.evaluate_run`) after training."""
 
@@ -97,6 +113,7 @@ class ShapesRecipe(BaseModel):
                                    description="overrides over configs/shapes.yaml")
     vae: VaeRecipe = Field(default_factory=VaeRecipe)
     vit: VitRecipe = Field(default_factory=VitRecipe)
+    tokenizer: TokenizerRecipe = Field(default_factory=TokenizerRecipe)
     train: dict[str, Any] = Field(default_factory=dict,
                                   description="overrides over configs/train.yaml")
     eval: EvalRecipe = Field(default_factory=EvalRecipe)
@@ -156,15 +173,25 @@ def shapes_vit(models_dir: str | Path, vit: VitRecipe) -> Path:
                              layers=vit.num_layers, patch=vit.patch_size)
 
 
-def machine_paths(models_dir: str | Path, vae_dir: str | Path, vit_dir: str | Path,
-                  shards: str | Path, run_dir: str | Path) -> dict[str, Any]:
-    """The training config's local paths: the tiny Qwen2.5 tokenizer (and its vocabulary
-    size for the random-init backbone), the ViT, the VAE, the shards, the run directory."""
-    from transformers import AutoTokenizer
+def shapes_tokenizer_dir(models_dir: str | Path, recipe: ShapesRecipe,
+                         shapes_config: Any) -> Path:
+    """The recipe's tokenizer under models_dir: the world's BPE or the tiny Qwen2.5's."""
+    if recipe.tokenizer.kind == "shapes":
+        from weft.stages.shapes.tokenizer import shapes_tokenizer
 
+        return shapes_tokenizer(models_dir, shapes_config.scene, shapes_config.tasks,
+                                recipe.tokenizer.vocab_size)
     from weft.stages.infer.tiny_models import make_tiny_models
 
-    tokenizer_dir = make_tiny_models(Path(models_dir) / "tiny")["qwen2_5"]
+    return make_tiny_models(Path(models_dir) / "tiny")["qwen2_5"]
+
+
+def machine_paths(tokenizer_dir: str | Path, vae_dir: str | Path, vit_dir: str | Path,
+                  shards: str | Path, run_dir: str | Path) -> dict[str, Any]:
+    """The training config's local paths: the tokenizer (and its vocabulary size for the
+    random-init backbone), the ViT, the VAE, the shards, the run directory."""
+    from transformers import AutoTokenizer
+
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
     return {"run_dir": str(run_dir),
             "model": {"vae_path": str(vae_dir),
@@ -216,7 +243,8 @@ def prepare(recipe: ShapesRecipe, out: str | Path,
         f"{recon_n} fresh scenes back from its reconstructions, l1 {recon['l1']:.3f})")
     start = time.perf_counter()
     vit = shapes_vit(out / "models", recipe.vit)
-    paths = machine_paths(out / "models", vae, vit, shards, out / "train")
+    tokenizer = shapes_tokenizer_dir(out / "models", recipe, shapes_config)
+    paths = machine_paths(tokenizer, vae, vit, shards, out / "train")
     seconds["models"] = time.perf_counter() - start
     return recipe.train_config(paths), seconds
 
@@ -240,5 +268,6 @@ def run_recipe(recipe: ShapesRecipe, out: str | Path,
 
 
 __all__ = ["CPU_RECIPE", "GPU_RECIPE", "EvalRecipe", "RecipeError", "RecipeResult",
-           "ShapesRecipe", "VaeRecipe", "VitRecipe", "load_recipe", "machine_paths",
-           "prepare", "run_recipe", "shapes_shards", "shapes_vit"]
+           "ShapesRecipe", "TokenizerRecipe", "VaeRecipe", "VitRecipe", "load_recipe",
+           "machine_paths", "prepare", "run_recipe", "shapes_shards", "shapes_tokenizer_dir",
+           "shapes_vit"]
