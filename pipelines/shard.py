@@ -10,6 +10,12 @@ sample larger than the limit gets a shard of its own). Next to the shards: `inde
 (a wids shard index, with each shard's size and sha256) and `manifest.parquet` (one row
 per sample).
 
+The shuffle needs every key before the first shard is written, but not every sample's
+bytes: the first pass checks each sample and appends its members to a scratch file in
+`out_dir`, keeping only (key, member offsets, manifest fields) in memory; the second
+reads each sample back in shard order. Memory stays at one sample's bytes however large
+the set (the scratch file is removed whatever happens).
+
 `verify_shards` reads a shard set back in full and reports every problem it finds;
 it never raises for a damaged shard set.
 
@@ -24,10 +30,11 @@ import json
 import random
 import re
 import tarfile
+import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,7 +115,7 @@ _ORIGIN = ("dataset", "run_id", "run_dir")
 
 
 def _prepare(sample: dict[str, Any]) -> tuple[str, list[tuple[str, bytes]], dict[str, Any]]:
-    """(key, [(member, bytes)] in tar order, record + origin) after checking the sample."""
+    """(key, [(member, bytes)] in tar order, its manifest fields) after checking it."""
     key = check_key(sample.get("key"))
     record = sample.get("json")
     if not isinstance(record, dict) or record.get("key") != key:
@@ -127,7 +134,11 @@ def _prepare(sample: dict[str, Any]) -> tuple[str, list[tuple[str, bytes]], dict
     for k, v in origin.items():
         if v is not None and not isinstance(v, str):
             raise ShardFormatError(f"sample {key}: {k} must be a string")
-    return key, ordered, {**record, "_origin": origin}
+    meta = {"kind": record["kind"], "source_id": record.get("source_id"),
+            "ledger_item_id": record.get("ledger_item_id"),
+            "json_sha256": hashlib.sha256(ordered[0][1]).hexdigest(),
+            "scores": json.dumps(record.get("scores") or {}, sort_keys=True), **origin}
+    return key, ordered, meta
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -149,29 +160,83 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_tar(path: Path, samples: list[tuple[str, list[tuple[str, bytes]], dict[str, Any]]],
+class _Spill:
+    """Members' bytes in a scratch file, read back by (offset, length)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+
+    def add(self, members: list[tuple[str, bytes]]) -> list[tuple[str, int, int]]:
+        refs = []
+        for name, data in members:
+            refs.append((name, self.file.tell(), len(data)))
+            self.file.write(data)
+        return refs
+
+    def read(self, refs: list[tuple[str, int, int]]) -> list[tuple[str, bytes]]:
+        out = []
+        for name, offset, length in refs:
+            self.file.seek(offset)
+            out.append((name, self.file.read(length)))
+        self.file.seek(0, io.SEEK_END)
+        return out
+
+
+_Entry = tuple[str, list[tuple[str, int, int]], dict[str, Any]]
+
+
+def _write_tar(path: Path, samples: list[_Entry], spill: _Spill,
                shard_index: int) -> tuple[ShardInfo, list[dict[str, Any]]]:
     tmp = path.with_name(f".{path.name}.tmp")
     rows = []
     with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w",
                                                format=tarfile.USTAR_FORMAT) as tar:
-        for key, members, record in samples:
+        for key, refs, meta in samples:
             start = tar.offset
-            for name, data in members:
+            for name, data in spill.read(refs):
                 tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
             rows.append({
                 "key": key, "shard": path.name, "shard_index": shard_index,
                 "offset": start, "size": tar.offset - start,
-                "members": [n for n, _ in members], "kind": record["kind"],
-                "source_id": record.get("source_id"),
-                "ledger_item_id": record.get("ledger_item_id"),
-                "json_sha256": hashlib.sha256(members[0][1]).hexdigest(),
-                "scores": json.dumps(record.get("scores") or {}, sort_keys=True),
-                **record["_origin"],
+                "members": [name for name, _, _ in refs], **meta,
             })
     info = ShardInfo(path.name, len(samples), tmp.stat().st_size, _sha256_file(tmp))
     tmp.replace(path)
     return info, rows
+
+
+def _spill_and_write(samples: Iterable[dict[str, Any]], spill: _Spill, out: Path,
+                     prefix: str, max_shard_bytes: int, seed: int
+                     ) -> tuple[list[ShardInfo], list[dict[str, Any]], int]:
+    """Check and spill every sample, shuffle the keys, write the shards: (shards, manifest
+    rows, shard count)."""
+    prepared: dict[str, _Entry] = {}
+    for sample in samples:
+        key, members, meta = _prepare(sample)
+        if key in prepared:
+            raise ShardFormatError(f"duplicate sample key {key}")
+        prepared[key] = (key, spill.add(members), meta)
+    order = sorted(prepared)
+    random.Random(seed).shuffle(order)
+
+    groups: list[list[_Entry]] = []
+    size = 0
+    for key in order:
+        entry = prepared[key]
+        need = sum(_entry_bytes(length) for _, _, length in entry[1])
+        if not groups or (groups[-1] and _file_bytes(size + need) > max_shard_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += need
+
+    shards: list[ShardInfo] = []
+    rows: list[dict[str, Any]] = []
+    for i, group in enumerate(groups):
+        info, shard_rows = _write_tar(out / f"{prefix}-{i:06d}.tar", group, spill, i)
+        shards.append(info)
+        rows += shard_rows
+    return shards, rows, len(groups)
 
 
 def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *,
@@ -187,34 +252,18 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *,
         raise ValueError(f"prefix must match {_PREFIX.pattern}, got {prefix!r}")
     if max_shard_bytes <= 0:
         raise ValueError("max_shard_bytes must be positive")
-    prepared = {}
-    for sample in samples:
-        key, members, record = _prepare(sample)
-        if key in prepared:
-            raise ShardFormatError(f"duplicate sample key {key}")
-        prepared[key] = (key, members, record)
-    order = sorted(prepared)
-    random.Random(seed).shuffle(order)
-
-    groups: list[list[Any]] = []
-    size = 0
-    for key in order:
-        entry = prepared[key]
-        need = sum(_entry_bytes(len(d)) for _, d in entry[1])
-        if not groups or (groups[-1] and _file_bytes(size + need) > max_shard_bytes):
-            groups.append([])
-            size = 0
-        groups[-1].append(entry)
-        size += need
-
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    shards: list[ShardInfo] = []
-    rows: list[dict[str, Any]] = []
-    for i, group in enumerate(groups):
-        info, shard_rows = _write_tar(out / f"{prefix}-{i:06d}.tar", group, i)
-        shards.append(info)
-        rows += shard_rows
+    try:
+        with tempfile.TemporaryFile(dir=out, prefix=".weft-shard-spill-") as scratch:
+            spill = _Spill(scratch)
+            shards, rows, n_groups = _spill_and_write(samples, spill, out, prefix,
+                                                      max_shard_bytes, seed)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a set that failed its checks leaves no empty directory behind
+        raise
 
     index = {
         "__kind__": INDEX_KIND,
@@ -237,7 +286,7 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | Path, *,
     pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})\.tar$")
     for stale in out.iterdir():
         m = pattern.match(stale.name)
-        if m and int(m.group(1)) >= len(groups):
+        if m and int(m.group(1)) >= n_groups:
             stale.unlink()
     return ShardSetSummary(str(out), shards, len(rows), str(index_path), str(manifest_path),
                            seed, max_shard_bytes)

@@ -299,3 +299,41 @@ def test_non_finite_numbers_are_a_format_error(tmp_path):
     bad = {**sample, "json": {**sample["json"], "scores": {"q": float("nan")}}}
     with pytest.raises(ShardFormatError, match="finite"):
         write_shards([bad], tmp_path)
+
+
+def test_memory_holds_one_sample_not_the_whole_set(tmp_path):
+    """Member bytes wait on disk between the check pass and the write pass: writing 40
+    samples of 256 KiB (10 MiB) from a generator peaks far below the set's size, and the
+    shards are the same bytes as ever (the roll-over and order tests pin those)."""
+    import tracemalloc
+
+    big = 256 * 1024
+
+    def samples():
+        for i in range(40):
+            sample = _sample(i, n_images=1)
+            [name] = sample["members"]
+            sample["members"][name] = np.random.default_rng(i).bytes(big)  # not decoded here
+            yield sample
+
+    tracemalloc.start()
+    try:
+        summary = write_shards(samples(), tmp_path / "set", max_shard_bytes=3 * big)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert summary.n_samples == 40 and len(summary.shards) >= 13
+    assert peak < 10 * big, f"peak {peak / 2**20:.1f} MiB for a 10 MiB set"
+    assert sorted(p.name for p in (tmp_path / "set").iterdir() if p.name.startswith(".")) == []
+    members = 0
+    for shard in summary.shards:
+        with tarfile.open(tmp_path / "set" / shard.name) as tar:
+            members += len(tar.getnames())
+    assert members == 80
+
+
+def test_a_set_that_fails_its_checks_leaves_nothing_behind(tmp_path):
+    samples = [_sample(0), _sample(1), _sample(0)]
+    with pytest.raises(ShardFormatError, match="duplicate sample key"):
+        write_shards(samples, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
