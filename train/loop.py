@@ -330,8 +330,9 @@ class Trainer:
             if previous.get("data") != current["data"]:
                 log.warning("the data section changed since %s was written; the data "
                             "position is restored as saved", path)
+            before = previous.get("optim", {})
             restored = sorted(key for key in RESTORED_OPTIM
-                              if previous.get("optim", {}).get(key) != current["optim"][key])
+                              if key in before and before[key] != current["optim"][key])
             if restored and existing is not None:
                 log.warning("optim %s changed since %s was written; the optimizer and "
                             "lr-scheduler state come back from the checkpoint with the old "

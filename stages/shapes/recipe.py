@@ -70,12 +70,12 @@ class TokenizerRecipe(BaseModel):
     """Which tokenizer the backbone reads: the world's own or the tiny Qwen2.5's.
 
     `shapes` trains a byte-level BPE on the world's texts (`tokenizer.py`): a few hundred
-    rows of embedding instead of 151k, which at width 128 are most of the model.
+    rows of embedding instead of 50k, which at width 128 are most of the model.
     """
 
     model_config = ConfigDict(extra="forbid")
     kind: str = Field("qwen2_5", pattern="^(qwen2_5|shapes)$",
-                      description="qwen2_5: the tiny Qwen2.5's 151k vocabulary; shapes: a "
+                      description="qwen2_5: the tiny Qwen2.5's 50k vocabulary; shapes: a "
                                   "BPE trained on the world's texts")
     vocab_size: int = Field(512, ge=259, description="shapes only: at most this many tokens "
                             "(256 bytes and 3 special tokens included)")

@@ -43,6 +43,11 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
     assert (tmp_path / "train" / "export").is_dir()
     built = sorted(p.name for p in tmp_path.iterdir())
     assert [n for n in built if n.startswith(("data-", "vae-"))] and "models" in built
+    # the recipe's tokenizer is the world's own, and the trained model reads its vocabulary
+    [tokenizer] = [p for p in (tmp_path / "models").iterdir() if p.name.startswith("tokenizer-")]
+    config = json.loads((tmp_path / "train" / "config.json").read_text())
+    assert config["data"]["tokenizer"] == str(tokenizer)
+    assert config["model"]["unified"]["llm"]["vocab_size"] < 512
 
     # `weft eval shapes` finds the recipe's scene (not the default one) through the shards
     from weft.stages.shapes.evaluate import trained_scene
