@@ -14,7 +14,8 @@ The shuffle needs every key before the first shard is written, but not every sam
 bytes: the first pass checks each sample and appends its members to a scratch file in
 `out_dir`, keeping only (key, member offsets, manifest fields) in memory; the second
 reads each sample back in shard order. Memory stays at one sample's bytes however large
-the set (the scratch file is removed whatever happens).
+the set; the disk holds the set twice until the last shard is written (the scratch file
+is unlinked at creation, so it goes whatever happens).
 
 `verify_shards` reads a shard set back in full and reports every problem it finds;
 it never raises for a damaged shard set.
