@@ -160,12 +160,16 @@ def _check_optimizer_groups(path: Path, train_state: dict[str, Any], saved_keys:
     otherwise than this run's: loading it would fail deep in torch, or silently give one
     group's moments and learning rate to another's parameters."""
     saved = train_state.get("optimizer_groups")
-    count = len(saved) if saved is not None else _saved_group_count(saved_keys)
-    if count == len(current) and (saved is None or saved == current):
-        return
+    if saved is not None:
+        if saved == current:
+            return
+        was = f"groups of {[group['params'] for group in saved]} parameters"
+    else:
+        count = _saved_group_count(saved_keys)
+        if count == len(current):
+            return
+        was = f"{count} parameter groups"
     sizes = [group["params"] for group in current]
-    was = f"groups of {[group['params'] for group in saved]} parameters" if saved \
-        else f"{count} parameter groups"
     raise CheckpointError(
         f"{path}: its optimizer state has {was}, this run's optimizer has groups of {sizes} "
         "parameters: the optimizer was built otherwise (another weft version, or a setting "
