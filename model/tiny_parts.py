@@ -9,14 +9,13 @@ skipped when the directory is already complete.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from weft.model.vision import quiet_transformers
+from weft.schemas.run_dir import build_dir_once
 
 # FLUX.1's VAE normalisation constants (its config sets both).
 FLUX_SCALING_FACTOR = 0.3611
@@ -28,29 +27,14 @@ def _is_complete(path: Path) -> bool:
 
 
 def _build_once(path: str | Path, save: Callable[[Path], None]) -> Path:
-    """Run `save(tmp)` in a sibling temp dir and move it into place, unless already there.
+    """`save(tmp)` under a fixed torch seed, moved into place unless already there."""
 
-    The rename makes a half-written directory impossible, so "complete" can be trusted.
-    """
-    path = Path(path)
-    if _is_complete(path):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    def seeded_save(tmp: Path) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             save(tmp)
-        if path.exists() and not _is_complete(path):
-            shutil.rmtree(path)
-        try:
-            tmp.rename(path)
-        except OSError:
-            if not _is_complete(path):  # lost a race to a writer that did not finish
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return build_dir_once(path, seeded_save, _is_complete)
 
 
 def make_tiny_siglip2(path: str | Path, hidden: int = 32, layers: int = 2,

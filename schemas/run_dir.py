@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,34 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def build_dir_once(path: str | Path, build: Callable[[Path], None],
+                   is_complete: Callable[[Path], bool]) -> Path:
+    """`build(tmp)` in a sibling temp dir, then rename it to path; nothing when path is
+    already complete.
+
+    The rename makes a half-written directory impossible, so `is_complete` can be
+    trusted. An incomplete directory already at path (another version's, or one written
+    before this rule) is replaced; losing the rename to a writer that finished is fine.
+    """
+    path = Path(path)
+    if is_complete(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        build(tmp)
+        if path.exists() and not is_complete(path):
+            shutil.rmtree(path)
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not is_complete(path):  # lost a race to a writer that did not finish
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,13 @@ every image in).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from weft.schemas.run_dir import build_dir_once
 from weft.stages.shapes.samples import TASKS, TasksConfig, make_sample
 from weft.stages.shapes.scene import SceneConfig
 from weft.stages.shapes.text import CAPTION_QUESTION
@@ -56,37 +54,30 @@ def train_shapes_tokenizer(out_dir: str | Path, texts: Iterable[str],
     """A byte-level BPE of at most vocab_size tokens (256 bytes and the special tokens
     included) trained on texts, saved as a Hugging Face tokenizer directory.
 
-    Written complete or not at all; an existing directory is reused as it is.
+    Written complete or not at all; a complete directory is reused as it is.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    out = Path(out_dir)
-    if (out / "tokenizer.json").is_file():
-        return out
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
         raise ValueError(f"vocab_size must be at least {minimum} (bytes and special tokens), "
                          f"got {vocab_size}")
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    core.train_from_iterator(texts, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=EOS,
-                                      additional_special_tokens=list(SPECIAL_TOKENS[1:]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        wrapped.save_pretrained(staging)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
 
+    def build(staging: Path) -> None:
+        core = Tokenizer(models.BPE())
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                      special_tokens=list(SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        core.train_from_iterator(texts, trainer=trainer)
+        PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=EOS,
+                                additional_special_tokens=list(SPECIAL_TOKENS[1:])
+                                ).save_pretrained(staging)
+
+    return build_dir_once(out_dir, build, lambda path: (path / "tokenizer.json").is_file())
 
 def shapes_tokenizer(root: str | Path, scene: SceneConfig, tasks: TasksConfig,
                      vocab_size: int = 512) -> Path:

@@ -14,11 +14,11 @@ meaningless as images.
 
 from __future__ import annotations
 
-import shutil
 import string
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from weft.schemas.run_dir import build_dir_once
 
 BUILD_FORMAT = 1
 MARKER = "weft_tiny_flux.json"
@@ -95,16 +95,5 @@ def is_complete(path: Path, seed: int = 0) -> bool:
 
 def make_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny FLUX pipeline in `out_dir` (skipped when already complete)."""
-    out = Path(out_dir).expanduser()
-    if is_complete(out, seed):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        _build(tmp, seed)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_dir_once(Path(out_dir).expanduser(), lambda tmp: _build(tmp, seed),
+                          lambda path: is_complete(path, seed))

@@ -22,7 +22,7 @@ from weft.schemas.ledger import (
     write_ledger,
 )
 from weft.schemas.policy import Bounds, Policy
-from weft.schemas.run_dir import ConfigMismatchError, RunDir
+from weft.schemas.run_dir import ConfigMismatchError, RunDir, build_dir_once
 from weft.stages.base import ItemError, Outcome, Stage, StageConfig, ledger_rows_of
 
 # ---- ids -------------------------------------------------------------------
@@ -235,6 +235,43 @@ def test_run_dir_refuses_a_changed_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigMismatchError, match=r"nested.b: 2 -> 3"):
         run.claim(pipeline="video", config={"a": 1, "nested": {"b": 3}}, config_hash="h2",
                   run_id="r", plan=[], code_version="t")
+
+
+def _build_marker(text: str):
+    def build(tmp: Path) -> None:
+        (tmp / "part.txt").write_text(text)
+        (tmp / "done").write_text("")
+    return build
+
+
+def _is_done(path: Path) -> bool:
+    return (path / "done").is_file()
+
+
+def test_build_dir_once_builds_then_reuses_a_complete_dir(tmp_path: Path) -> None:
+    out = build_dir_once(tmp_path / "a" / "model", _build_marker("first"), _is_done)
+    assert (out / "part.txt").read_text() == "first"
+    assert build_dir_once(out, _build_marker("second"), _is_done) == out
+    assert (out / "part.txt").read_text() == "first"  # complete: not rebuilt
+    assert [p.name for p in out.parent.iterdir()] == ["model"]  # no temp dir left
+
+
+def test_build_dir_once_replaces_an_incomplete_leftover(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "part.txt").write_text("half")  # a crash before the marker
+    build_dir_once(out, _build_marker("whole"), _is_done)
+    assert (out / "part.txt").read_text() == "whole" and _is_done(out)
+
+
+def test_build_dir_once_leaves_nothing_when_the_build_fails(tmp_path: Path) -> None:
+    def broken(tmp: Path) -> None:
+        (tmp / "part.txt").write_text("half")
+        raise RuntimeError("out of disk")
+
+    with pytest.raises(RuntimeError, match="out of disk"):
+        build_dir_once(tmp_path / "model", broken, _is_done)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_error_messages_lose_native_pointers_so_reruns_match(run_context) -> None:

@@ -72,6 +72,15 @@ def test_the_tokenizer_is_reused_and_keyed_by_its_world(tmp_path, world) -> None
         train_shapes_tokenizer(tmp_path / "tiny", ["a b"], vocab_size=100)
 
 
+def test_an_incomplete_tokenizer_dir_is_replaced(tmp_path) -> None:
+    out = tmp_path / "tokenizer-x"
+    out.mkdir()
+    (out / "tokenizer_config.json").write_text("{")  # a copy cut short: no tokenizer.json
+    train_shapes_tokenizer(out, ["a red circle", "a blue square"], vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert tok.decode(tok("a red circle")["input_ids"]) == "a red circle"
+
+
 def test_the_recipe_picks_its_tokenizer(tmp_path) -> None:
     recipe = load_recipe(CPU_RECIPE, {"tokenizer": {"kind": "shapes", "vocab_size": 400}})
     path = shapes_tokenizer_dir(tmp_path, recipe, recipe.shapes_config())
