@@ -311,7 +311,7 @@ class Trainer:
     # ---- set-up ----------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
         """Refuse to resume a run of another model, or to start afresh over checkpoints;
-        record this run's config."""
+        record this run's config (with the optim values a checkpoint brings back)."""
         path = self.run_dir / "config.json"
         current = self.config.model_dump(mode="json")
         existing = latest_checkpoint(self.run_dir)
@@ -339,6 +339,8 @@ class Trainer:
                             "values, so the change takes no effect on resume (warmup, "
                             "schedule and grad_clip do take new values)",
                             ", ".join(restored), path)
+                # config.json records what takes effect, so a later resume warns again
+                current["optim"].update({key: before[key] for key in restored})
         barrier(self.info)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -374,6 +374,13 @@ def test_resume_with_a_changed_lr_warns_and_keeps_the_saved_schedule(tmp_path, c
     with caplog.at_level("WARNING", logger="weft.train"):
         second = run_training(changed, ToySource(), codec=PoolCodec())
     assert "optim lr, weight_decay changed" in caplog.text
+    recorded = json.loads((tmp_path / "config.json").read_text())["optim"]
+    assert recorded["lr"] == config.optim.lr and recorded["weight_decay"] == \
+        config.optim.weight_decay  # what took effect, so the next resume warns again
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="weft.train"):
+        run_training(changed.model_copy(update={"steps": 6}), ToySource(), codec=PoolCodec())
+    assert "optim lr, weight_decay changed" in caplog.text
     straight = run_training(tiny_train_config(tmp_path / "straight", steps=4), ToySource(),
                             codec=PoolCodec())
     assert [h.lr for h in first.history + second.history] == \
