@@ -741,7 +741,7 @@ def shapes_recipe(
     setup_logging()  # the trainer's metric lines
     try:
         result = run_recipe(loaded, out, log=console.print, progress=True)
-    except TrainConfigError as exc:  # e.g. OUT/train holds a run of another model
+    except TrainConfigError as exc:  # e.g. a run directory of another model
         _fail(str(exc))
     console.print(result.table.to_markdown())
     table = Table(title=f"shapes recipe {recipe.name}")

@@ -11,7 +11,8 @@
 
 Data, VAE and ViT are reused when already under OUT (each is written complete or not at
 all, in a directory named by a hash of its settings), so a second run with other
-training settings only trains and evaluates, and a changed VAE section trains a new VAE. Every
+training settings only trains (afresh, in its own OUT/train-<hash>) and evaluates, and a
+changed VAE section trains a new VAE; the same recipe again resumes its own run. Every
 section is validated at load, before any work: a typo in `train` fails at start-up with
 the training config's own message, not after the VAE has trained for ten minutes.
 """
@@ -217,7 +218,7 @@ class RecipeResult:
 def prepare(recipe: ShapesRecipe, out: str | Path,
             log: Callable[[str], None] = lambda _: None,
             progress: bool = False) -> tuple[Any, dict[str, float]]:
-    """Data, VAE and ViT under OUT; the training config (run_dir OUT/train) and timings.
+    """Data, VAE and ViT under OUT; the training config (run_dir `train_dir`) and timings.
     progress: tqdm bars for the long steps."""
     from weft.stages.shapes.vae_train import reconstruction_report, train_shapes_vae
 
@@ -244,15 +245,32 @@ def prepare(recipe: ShapesRecipe, out: str | Path,
     start = time.perf_counter()
     vit = shapes_vit(out / "models", recipe.vit)
     tokenizer = shapes_tokenizer_dir(out / "models", recipe, shapes_config)
-    paths = machine_paths(tokenizer, vae, vit, shards, out / "train")
+    run_dir = train_dir(out, recipe, shards.parent, vae, vit, tokenizer)
+    paths = machine_paths(tokenizer, vae, vit, shards, run_dir)
     seconds["models"] = time.perf_counter() - start
     return recipe.train_config(paths), seconds
+
+
+def train_dir(out: str | Path, recipe: ShapesRecipe, *built: Path) -> Path:
+    """OUT/train-<hash>: named by the resolved training settings and the directories it
+    reads (data, VAE, ViT, tokenizer, each already named by its own settings).
+
+    The same recipe finds its run again and resumes it (an interrupted run goes on);
+    another seed, lr or step count trains afresh beside it instead of resuming a run
+    trained otherwise. Paths enter by name only, so `--out runs/x` and `--out ./runs/x`
+    agree.
+    """
+    settings = recipe.train_config().model_dump(mode="json")
+    settings.pop("run_dir", None)
+    key = hash_of("shapes-train", settings, [Path(p).name for p in built], length=12)
+    return Path(out) / f"train-{key}"
 
 
 def run_recipe(recipe: ShapesRecipe, out: str | Path,
                log: Callable[[str], None] = lambda _: None,
                progress: bool = False) -> RecipeResult:
-    """Data, VAE, ViT, training and evaluation; the table and grids under OUT/eval."""
+    """Data, VAE, ViT, training and evaluation; the table and grids under
+    OUT/train-<hash>/eval."""
     from weft.train.loop import run_training
 
     out = Path(out)
@@ -260,9 +278,10 @@ def run_recipe(recipe: ShapesRecipe, out: str | Path,
     start = time.perf_counter()
     result = run_training(config)
     seconds["train"] = time.perf_counter() - start
-    log(f"train: {config.steps} steps ({seconds['train']:.0f} s)")
+    log(f"train: {config.steps} steps in {config.run_dir} ({seconds['train']:.0f} s)")
     start = time.perf_counter()
-    table, pngs = recipe.eval.run(config.run_dir, recipe.shapes_config(), out / "eval")
+    table, pngs = recipe.eval.run(config.run_dir, recipe.shapes_config(),
+                                  Path(config.run_dir) / "eval")
     seconds["eval"] = time.perf_counter() - start
     return RecipeResult(out, table, pngs, seconds, list(result.history))
 
@@ -270,4 +289,4 @@ def run_recipe(recipe: ShapesRecipe, out: str | Path,
 __all__ = ["CPU_RECIPE", "GPU_RECIPE", "EvalRecipe", "RecipeError", "RecipeResult",
            "ShapesRecipe", "TokenizerRecipe", "VaeRecipe", "VitRecipe", "load_recipe",
            "machine_paths", "prepare", "run_recipe", "shapes_shards", "shapes_tokenizer_dir",
-           "shapes_vit"]
+           "shapes_vit", "train_dir"]

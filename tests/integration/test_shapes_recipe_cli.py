@@ -1,5 +1,7 @@
 """`weft shapes recipe` end to end at a minute's size: every step runs, the table has
-every category, the grids are written, and a second run reuses data, VAE and ViT."""
+every category, the grids are written, a second run with other training settings reuses
+data, VAE and ViT and trains afresh in its own directory, and the same recipe again finds
+its finished run instead of training another."""
 
 from __future__ import annotations
 
@@ -37,15 +39,16 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
     for category in ("geneval/single_object", "geneval/color_attr", "edit/recolour",
                      "edit/remove", "vqa/", "caption", "overall"):
         assert category in result.output
-    assert (tmp_path / "eval" / "table.md").is_file()
-    assert (tmp_path / "eval" / "geneval.png").is_file()
-    assert (tmp_path / "eval" / "edits.png").is_file()
-    assert (tmp_path / "train" / "export").is_dir()
+    [run] = tmp_path.glob("train-*")
+    assert (run / "eval" / "table.md").is_file()
+    assert (run / "eval" / "geneval.png").is_file()
+    assert (run / "eval" / "edits.png").is_file()
+    assert (run / "export").is_dir()
     built = sorted(p.name for p in tmp_path.iterdir())
     assert [n for n in built if n.startswith(("data-", "vae-"))] and "models" in built
     # the recipe's tokenizer is the world's own, and the trained model reads its vocabulary
     [tokenizer] = [p for p in (tmp_path / "models").iterdir() if p.name.startswith("tokenizer-")]
-    config = json.loads((tmp_path / "train" / "config.json").read_text())
+    config = json.loads((run / "config.json").read_text())
     assert config["data"]["tokenizer"] == str(tokenizer)
     assert config["model"]["unified"]["llm"]["vocab_size"] < 512
 
@@ -54,8 +57,8 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
     from weft.stages.shapes.recipe import load_recipe
 
     scene = load_recipe(CPU_RECIPE).shapes_config().scene
-    assert trained_scene(tmp_path / "train") == scene != type(scene)()
-    evaluated = CliRunner().invoke(app, ["eval", "shapes", str(tmp_path / "train"), "--n",
+    assert trained_scene(run) == scene != type(scene)()
+    evaluated = CliRunner().invoke(app, ["eval", "shapes", str(run), "--n",
                                          "1", "--steps", "2", "--cfg-text", "1.0",
                                          "--out", str(tmp_path / "eval-cli"), "--diagnose"])
     assert evaluated.exit_code == 0, evaluated.output
@@ -68,13 +71,25 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
     assert set(diagnosis["sensitivity"]) == {"0.3", "0.6", "0.9"}
     built = sorted(p.name for p in tmp_path.iterdir())
 
-    # other training settings: data, VAE and ViT are reused, only training reruns
+    # another seed: data, VAE and ViT are reused; training starts afresh beside the first
+    # run (it would otherwise resume a run trained with seed 0 and report it as seed 1)
     vae_dir = next(tmp_path.glob("vae-*"))
     stamp = (vae_dir / "config.json").stat().st_mtime_ns
-    second = _run(tmp_path, "train.steps=3", "train.checkpoint.every_steps=3")
+    second = _run(tmp_path, "train.seed=1")
     assert second.exit_code == 0, second.output
     assert (vae_dir / "config.json").stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in tmp_path.iterdir()) == built
+    [other] = set(tmp_path.glob("train-*")) - {run}
+    assert "resumed from" not in second.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*built, other.name])
+    assert [p.name for p in (other / "checkpoints").iterdir()] == ["step-000002"]
+    # the first recipe again: its own finished run is found, nothing retrains
+    checkpoint = run / "checkpoints" / "step-000002"
+    stamp = checkpoint.stat().st_mtime_ns
+    third = _run(tmp_path)
+    assert third.exit_code == 0, third.output
+    assert f"resumed from {checkpoint}" in " ".join(third.output.split())
+    assert checkpoint.stat().st_mtime_ns == stamp
+    assert len(list(tmp_path.glob("train-*"))) == 2
 
 
 def test_a_bad_recipe_fails_before_any_work(tmp_path) -> None:

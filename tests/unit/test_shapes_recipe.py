@@ -24,7 +24,7 @@ def test_shipped_recipes_load_with_every_section_valid(path) -> None:
     assert train.steps > 0 and train.model.unified.llm.layer_mode == "mot"
     shapes = recipe.shapes_config()
     assert shapes.samples.t2i > 0 and shapes.samples.vqa > 0 and shapes.samples.edit > 0
-    # a 64 px render must give the ViT an 8 x 8 grid within the connector's table
+    # a render must give the ViT a grid within the connector's table (32 px, patch 4: 8 x 8)
     assert shapes.scene.image_size // recipe.vit.patch_size <= train.model.unified.vit_max_grid
     assert train.data.images.vit_max_patches == (shapes.scene.image_size
                                                  // recipe.vit.patch_size) ** 2
@@ -34,11 +34,12 @@ def test_the_cpu_recipe_fits_its_budget_on_paper() -> None:
     recipe = load_recipe(CPU_RECIPE)
     train = recipe.train_config()
     assert train.model.unified.llm.attention_backend == "docs"  # CPU: no flex backward
-    # ~0.35 s per 2k-token step on 2 cores (docs attention, fused AdamW, latent cache,
-    # 64-token latents, the world's 390-token vocabulary): 19 minutes of the 30 for
-    # training (measured: 1148 s for 3300 steps), and the VAE's 1200 steps another 5-6
+    # ~0.455 s per 2k-token step on 2 cores (docs attention, fused AdamW, latent cache,
+    # 16-token latents of 32 px renders, the world's 390-token vocabulary): ~20 minutes
+    # of the 30 for training (measured: 1502 s for 3300 steps), the VAE's 1200 steps ~2.5
     assert recipe.tokenizer.kind == "shapes"
-    assert train.steps * train.data.pack.expected_tokens <= 6_800_000
+    assert recipe.shapes_config().scene.image_size == 32
+    assert train.steps * train.data.pack.expected_tokens <= 5_400_000
     assert recipe.vae.steps * recipe.vae.batch_size <= 19_200
 
 
