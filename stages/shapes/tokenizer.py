@@ -79,6 +79,7 @@ def train_shapes_tokenizer(out_dir: str | Path, texts: Iterable[str],
 
     return build_dir_once(out_dir, build, lambda path: (path / "tokenizer.json").is_file())
 
+
 def shapes_tokenizer(root: str | Path, scene: SceneConfig, tasks: TasksConfig,
                      vocab_size: int = 512) -> Path:
     """The world's tokenizer under root, in a directory named by what it was trained on."""
