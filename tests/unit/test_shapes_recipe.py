@@ -34,9 +34,9 @@ def test_the_cpu_recipe_fits_its_budget_on_paper() -> None:
     recipe = load_recipe(CPU_RECIPE)
     train = recipe.train_config()
     assert train.model.unified.llm.attention_backend == "docs"  # CPU: no flex backward
-    # ~0.455 s per 2k-token step on 2 cores (docs attention, fused AdamW, latent cache,
-    # 16-token latents of 32 px renders, the world's 390-token vocabulary): ~20 minutes
-    # of the 30 for training (measured: 1502 s for 3300 steps), the VAE's 1200 steps ~2.5
+    # ~0.41 s per 2k-token step on 2 cores (docs attention, fused AdamW, latent cache,
+    # 16-token latents of 32 px renders, the world's 390-token vocabulary): ~18 minutes
+    # of the 30 for training (measured: 1065 s for 2600 steps), the VAE's 1200 steps ~2
     assert recipe.tokenizer.kind == "shapes"
     assert recipe.shapes_config().scene.image_size == 32
     assert train.steps * train.data.pack.expected_tokens <= 5_400_000
