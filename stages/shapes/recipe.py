@@ -4,7 +4,8 @@
 
     data   a shapes run (configs/shapes.yaml + the recipe's `shapes` section) -> shards
     vae    a FLUX-interface VAE trained on renders (`vae_train.train_shapes_vae`)
-    vit    a tiny random-init SigLIP2 (its weights train with the model)
+    vit    a tiny SigLIP2, random-init or pretrained on renders (`vit_train`); its
+           weights train on with the model
            and the tokenizer: the tiny Qwen2.5's, or a BPE of the world's words
     train  the recipe's `train` section over configs/train.yaml + this machine's paths
     eval   the shapes evaluation of the trained export (table with chance, PNG grids)
@@ -54,17 +55,23 @@ class VaeRecipe(BaseModel):
 
 
 class VitRecipe(BaseModel):
-    """The understanding ViT: a random-init SigLIP2 whose weights train with the model.
+    """The understanding ViT: a SigLIP2 whose weights train on with the model.
 
     Patch 8 on 64 px renders gives an 8 x 8 grid: a shape then fills whole patches (with
     patch 16 a shape is a corner of one of 16 patches and the model takes several times
-    longer to read colours at all).
+    longer to read colours at all). With `pretrain_steps` the tower is first pretrained
+    on renders (every patch predicts the colour and shape covering it,
+    `vit_train.train_shapes_vit`), as BAGEL starts from a pretrained SigLIP2.
     """
 
     model_config = ConfigDict(extra="forbid")
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, gt=0)
     patch_size: int = Field(8, gt=0)
+    pretrain_steps: int = Field(0, ge=0, description="patch-class pretraining steps on "
+                                "fresh renders; 0: random init")
+    pretrain_batch_size: int = Field(32, gt=0, description="renders a pretraining step")
+    pretrain_lr: float = Field(5e-3, gt=0, description="peak lr of the one-cycle schedule")
 
 
 class TokenizerRecipe(BaseModel):
@@ -165,11 +172,25 @@ def shapes_shards(root: str | Path, shapes_config: Any,
     return out
 
 
-def shapes_vit(models_dir: str | Path, vit: VitRecipe) -> Path:
-    """The recipe's random-init SigLIP2 under models_dir (built once, seeded)."""
+def shapes_vit(models_dir: str | Path, vit: VitRecipe, scene: Any = None,
+               progress: bool = False) -> Path:
+    """The recipe's SigLIP2 under models_dir (built once, seeded): random-init, or with
+    `pretrain_steps` pretrained on renders of `scene` (a `SceneConfig`, then required)."""
+    name = f"siglip2-h{vit.hidden_size}-l{vit.num_layers}-p{vit.patch_size}"
+    if vit.pretrain_steps:
+        from weft.stages.shapes.vit_train import train_shapes_vit
+
+        if scene is None:
+            raise ValueError("a pretrained shapes ViT needs the scene config it renders")
+        key = hash_of("shapes-vit", vit.model_dump(mode="json"), scene.model_dump(mode="json"),
+                      length=12)
+        return train_shapes_vit(Path(models_dir) / f"{name}-pre-{key}", scene,
+                                hidden=vit.hidden_size, layers=vit.num_layers,
+                                patch=vit.patch_size, steps=vit.pretrain_steps,
+                                batch_size=vit.pretrain_batch_size, lr=vit.pretrain_lr,
+                                progress=progress)
     from weft.model.tiny_parts import make_tiny_siglip2
 
-    name = f"siglip2-h{vit.hidden_size}-l{vit.num_layers}-p{vit.patch_size}"
     return make_tiny_siglip2(Path(models_dir) / name, hidden=vit.hidden_size,
                              layers=vit.num_layers, patch=vit.patch_size)
 
@@ -243,7 +264,14 @@ def prepare(recipe: ShapesRecipe, out: str | Path,
     log(f"vae: {vae} ({seconds['vae']:.0f} s; the detector reads {recon['detect']:.2f} of "
         f"{recon_n} fresh scenes back from its reconstructions, l1 {recon['l1']:.3f})")
     start = time.perf_counter()
-    vit = shapes_vit(out / "models", recipe.vit)
+    vit = shapes_vit(out / "models", recipe.vit, shapes_config.scene, progress)
+    if recipe.vit.pretrain_steps:
+        from weft.stages.shapes.vit_train import load_stats
+
+        stats = load_stats(vit)
+        log(f"vit: {vit} (pretrained {stats.steps} steps in {stats.seconds:.0f} s; held-out "
+            f"patches {stats.patch_accuracy:.3f}, shape of object patches "
+            f"{stats.shape_accuracy:.3f})")
     tokenizer = shapes_tokenizer_dir(out / "models", recipe, shapes_config)
     run_dir = train_dir(out, recipe, shards.parent, vae, vit, tokenizer)
     paths = machine_paths(tokenizer, vae, vit, shards, run_dir)

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 TINY = ["shapes.samples.t2i=12", "shapes.samples.vqa=8", "shapes.samples.caption=4",
         "shapes.samples.edit=8", "shapes.samples.video=0",
         "vae.steps=3", "vae.batch_size=2", "vae.widths=[8,8,8,8]",
-        "vit.hidden_size=16", "vit.num_layers=1",
+        "vit.hidden_size=16", "vit.num_layers=1", "vit.pretrain_steps=3",
+        "vit.pretrain_batch_size=2",
         "train.steps=2", "train.checkpoint.every_steps=2", "train.data.num_workers=0",
         "train.model.unified.llm.hidden_size=32", "train.model.unified.llm.num_layers=1",
         "train.model.unified.llm.intermediate_size=64",
@@ -51,6 +52,10 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["tokenizer"] == str(tokenizer)
     assert config["model"]["unified"]["llm"]["vocab_size"] < 512
+    # the ViT is the one pretrained on renders, with its held-out accuracy beside it
+    [vit] = (tmp_path / "models").glob("siglip2-*-pre-*")
+    assert config["model"]["unified"]["vit_path"] == str(vit)
+    assert (vit / "shapes_vit_stats.json").is_file() and "pretrained 3 steps" in result.output
 
     # `weft eval shapes` finds the recipe's scene (not the default one) through the shards
     from weft.stages.shapes.evaluate import trained_scene

@@ -15,6 +15,7 @@ from weft.stages.shapes.recipe import (
     load_recipe,
     shapes_vit,
 )
+from weft.stages.shapes.vit_train import load_stats
 
 
 @pytest.mark.parametrize("path", [CPU_RECIPE, GPU_RECIPE])
@@ -73,3 +74,17 @@ def test_the_vit_has_the_recipes_patch_and_width(tmp_path) -> None:
         (32, 1, 8)
     other = shapes_vit(tmp_path, VitRecipe(hidden_size=32, num_layers=1, patch_size=16))
     assert other != path
+
+
+def test_a_pretrained_vit_is_its_own_directory_and_needs_its_scene(tmp_path) -> None:
+    recipe = VitRecipe(hidden_size=16, num_layers=1, patch_size=4, pretrain_steps=2,
+                       pretrain_batch_size=2)
+    scene = load_recipe(CPU_RECIPE).shapes_config().scene
+    with pytest.raises(ValueError, match="scene config"):
+        shapes_vit(tmp_path, recipe)
+    path = shapes_vit(tmp_path, recipe, scene)
+    assert path.name.startswith("siglip2-h16-l1-p4-pre-")
+    assert load_stats(path).steps == 2
+    assert shapes_vit(tmp_path, recipe, scene) == path  # found again
+    more = shapes_vit(tmp_path, recipe.model_copy(update={"pretrain_steps": 3}), scene)
+    assert more != path and load_stats(more).steps == 3

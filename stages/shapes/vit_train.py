@@ -1,0 +1,177 @@
+"""A SigLIP2 vision tower pretrained on shapes renders, as BAGEL starts from a pretrained one.
+
+BAGEL's understanding path reads images through a *pretrained* SigLIP2; a random-init
+tower trained only through the LLM's answer tokens learns colour but not shape in a CPU
+budget (shape lives in a few edge patches, and the answer loss reaches them weakly). So
+the shapes world pretrains its tiny tower on renders drawn on the fly, with a dense
+objective: every patch token predicts what covers its patch, background or one of the
+world's (colour, shape) classes. A patch on a triangle's edge can only answer "triangle"
+by looking at its neighbours, which is what the LLM later needs to read from one token.
+
+The head is thrown away; the tower is saved with `save_pretrained` and loads through
+`VisionEncoder.from_pretrained` like real SigLIP2 weights, and keeps training with the
+model. Held-out patch and object accuracy are written next to the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from weft.model.vision import patchify_image, quiet_transformers
+from weft.schemas.run_dir import build_dir_once
+from weft.stages.shapes.render import object_mask, render
+from weft.stages.shapes.scene import Scene, SceneConfig, sample_scene
+
+STATS_FILE = "shapes_vit_stats.json"  # training summary written next to the weights
+MIN_COVER = 0.25  # a patch is an object's when the object covers at least this share of it
+
+
+@dataclass
+class VitTrainStats:
+    """What a pretraining run did: losses, held-out accuracy, time."""
+
+    steps: int
+    first_loss: float
+    last_loss: float
+    patch_accuracy: float   # held-out patches labelled right (background included)
+    object_accuracy: float  # held-out object patches labelled right (colour and shape)
+    shape_accuracy: float   # held-out object patches given the right shape
+    seconds: float
+    classes: list[str] = field(default_factory=list)
+    history: list[float] = field(default_factory=list)
+
+
+def patch_classes(cfg: SceneConfig) -> list[str]:
+    """Class names: 'background', then 'colour shape' for every colour and shape."""
+    return ["background"] + [f"{c} {s}" for c in cfg.colours for s in cfg.shapes]
+
+
+def patch_labels(scene: Scene, cfg: SceneConfig, patch: int) -> np.ndarray:
+    """The class of each patch, row-major [rows * cols] (objects never overlap)."""
+    size = scene.image_size
+    if size % patch:
+        raise ValueError(f"image size {size} is not a multiple of the patch {patch}")
+    grid = size // patch
+    cover = np.zeros((len(scene.objects) + 1, grid, grid))
+    cover[0] = MIN_COVER * patch * patch  # background wins unless an object covers enough
+    for k, obj in enumerate(scene.objects, start=1):
+        cover[k] = object_mask(obj, size).reshape(grid, patch, grid, patch).sum(axis=(1, 3))
+    winner = cover.argmax(axis=0).reshape(-1)
+    class_of = [0] + [1 + cfg.colours.index(o.colour) * len(cfg.shapes)
+                      + cfg.shapes.index(o.shape) for o in scene.objects]
+    return np.asarray(class_of, dtype=np.int64)[winner]
+
+
+def scene_batch(rng: np.random.Generator, cfg: SceneConfig, n: int, patch: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random scenes as SigLIP2 patches [n, rows * cols, 3 p p] and labels [n, rows * cols]."""
+    pixels, labels = [], []
+    for _ in range(n):
+        scene = sample_scene(rng, cfg)
+        image = torch.from_numpy(render(scene)).permute(2, 0, 1).float() / 127.5 - 1.0
+        pixels.append(patchify_image(image, patch)[0])
+        labels.append(torch.from_numpy(patch_labels(scene, cfg, patch)))
+    return torch.stack(pixels), torch.stack(labels)
+
+
+def make_vit(hidden: int, layers: int, patch: int, num_patches: int = 256) -> torch.nn.Module:
+    """An untrained `Siglip2VisionModel` (no pooling head), as `make_tiny_siglip2` builds it."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    config = Siglip2VisionConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                 num_hidden_layers=layers, num_attention_heads=2,
+                                 patch_size=patch, num_patches=num_patches,
+                                 vision_use_head=False)
+    with quiet_transformers():
+        return Siglip2VisionModel(config)
+
+
+def _features(vit: torch.nn.Module, pixels: torch.Tensor, grid: int) -> torch.Tensor:
+    n, tokens = pixels.shape[:2]
+    mask = torch.ones(n, tokens, dtype=torch.bool, device=pixels.device)
+    shapes = torch.tensor([[grid, grid]] * n, device=pixels.device)
+    return vit(pixel_values=pixels, pixel_attention_mask=mask,
+               spatial_shapes=shapes).last_hidden_state
+
+
+@torch.no_grad()
+def _accuracy(vit: torch.nn.Module, head: torch.nn.Module, pixels: torch.Tensor,
+              labels: torch.Tensor, grid: int, n_shapes: int) -> tuple[float, float, float]:
+    device = next(vit.parameters()).device
+    pred = head(_features(vit, pixels.to(device), grid)).argmax(-1).cpu()
+    on = labels > 0
+    same_shape = (pred - 1) % n_shapes == (labels - 1) % n_shapes
+    return (float((pred == labels).float().mean()), float((pred == labels)[on].float().mean()),
+            float((same_shape & (pred > 0))[on].float().mean()))
+
+
+def train_shapes_vit(out_dir: str | Path, scene: SceneConfig, hidden: int = 64,
+                     layers: int = 2, patch: int = 4, steps: int = 600, batch_size: int = 32,
+                     lr: float = 2e-3, seed: int = 0, progress: bool = False,
+                     device: str | None = None) -> Path:
+    """Pretrain a SigLIP2 tower on `scene` renders and save it to `out_dir` (reused when
+    already complete). Returns `out_dir`, ready for `VisionEncoder.from_pretrained`.
+    device: where the tower trains (None: CUDA when there is one; renders are drawn on
+    the CPU either way)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if scene.image_size % patch:
+        raise ValueError(f"image size {scene.image_size} is not a multiple of patch {patch}")
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        grid = scene.image_size // patch
+        classes = patch_classes(scene)
+        vit = make_vit(hidden, layers, patch).to(device).train()
+        head = torch.nn.Linear(hidden, len(classes)).to(device)
+        params = [*vit.parameters(), *head.parameters()]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+        history: list[float] = []
+        start = time.perf_counter()
+        bar = tqdm(total=steps, desc="shapes ViT", unit="step", disable=not progress)
+        for step in range(steps):
+            pixels, labels = scene_batch(rng, scene, batch_size, patch)
+            logits = head(_features(vit, pixels.to(device), grid))
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                     labels.to(device).flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            history.append(float(loss.detach()))
+            bar.update()
+            if progress and (step + 1) % 50 == 0:
+                bar.set_postfix(loss=f"{history[-1]:.4f}")
+        bar.close()
+        vit.eval()
+        held_out = scene_batch(np.random.default_rng(seed + 1_000_003), scene, 256, patch)
+        patch_acc, object_acc, shape_acc = _accuracy(vit, head, *held_out, grid,
+                                                     len(scene.shapes))
+        with quiet_transformers():
+            vit.cpu().save_pretrained(tmp)  # safetensors
+        k = max(1, min(10, steps // 10))
+        stats = VitTrainStats(steps, float(np.mean(history[:k])), float(np.mean(history[-k:])),
+                              patch_acc, object_acc, shape_acc, time.perf_counter() - start,
+                              classes, history)
+        (tmp / STATS_FILE).write_text(json.dumps(asdict(stats)))
+
+    return build_dir_once(out_dir, build, lambda p: (p / STATS_FILE).is_file()
+                          and (p / "config.json").is_file())
+
+
+def load_stats(vit_dir: str | Path) -> VitTrainStats:
+    """The pretraining summary saved with a shapes ViT."""
+    return VitTrainStats(**json.loads((Path(vit_dir) / STATS_FILE).read_text()))
+
+
+__all__ = ["MIN_COVER", "STATS_FILE", "VitTrainStats", "load_stats", "make_vit",
+           "patch_classes", "patch_labels", "scene_batch", "train_shapes_vit"]
