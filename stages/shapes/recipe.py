@@ -20,6 +20,7 @@ the training config's own message, not after the VAE has trained for ten minutes
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class VitRecipe(BaseModel):
                                 "fresh renders; 0: random init")
     pretrain_batch_size: int = Field(32, gt=0, description="renders a pretraining step")
     pretrain_lr: float = Field(5e-3, gt=0, description="peak lr of the one-cycle schedule")
+    pretrain_location_weight: float = Field(0.0, ge=0, description="weight of the "
+                                            "object-centre loss; 0: patch classes only")
 
 
 class TokenizerRecipe(BaseModel):
@@ -188,6 +191,7 @@ def shapes_vit(models_dir: str | Path, vit: VitRecipe, scene: Any = None,
                                 hidden=vit.hidden_size, layers=vit.num_layers,
                                 patch=vit.patch_size, steps=vit.pretrain_steps,
                                 batch_size=vit.pretrain_batch_size, lr=vit.pretrain_lr,
+                                location_weight=vit.pretrain_location_weight,
                                 progress=progress)
     from weft.model.tiny_parts import make_tiny_siglip2
 
@@ -269,9 +273,11 @@ def prepare(recipe: ShapesRecipe, out: str | Path,
         from weft.stages.shapes.vit_train import load_stats
 
         stats = load_stats(vit)
+        where = ("" if math.isnan(stats.centre_error_px)
+                 else f", object centres {stats.centre_error_px:.1f} px off")
         log(f"vit: {vit} (pretrained {stats.steps} steps in {stats.seconds:.0f} s; held-out "
             f"patches {stats.patch_accuracy:.3f}, shape of object patches "
-            f"{stats.shape_accuracy:.3f})")
+            f"{stats.shape_accuracy:.3f}{where})")
     tokenizer = shapes_tokenizer_dir(out / "models", recipe, shapes_config)
     run_dir = train_dir(out, recipe, shards.parent, vae, vit, tokenizer)
     paths = machine_paths(tokenizer, vae, vit, shards, run_dir)

@@ -42,6 +42,8 @@ def test_the_cpu_recipe_fits_its_budget_on_paper() -> None:
     assert recipe.shapes_config().scene.image_size == 32
     assert train.steps * train.data.pack.expected_tokens <= 5_400_000
     assert recipe.vae.steps * recipe.vae.batch_size <= 19_200
+    # the ViT's pretraining on renders: 1200 steps of 32 renders, ~80 s
+    assert recipe.vit.pretrain_steps * recipe.vit.pretrain_batch_size <= 38_400
 
 
 @pytest.mark.parametrize(("overrides", "words"), [

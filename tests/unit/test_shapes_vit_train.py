@@ -1,5 +1,6 @@
 """The shapes ViT pretraining: patch labels against a brute-force reference, a short run
-that learns shape beyond chance, and a tower that loads as SigLIP2 weights."""
+that learns shape and object centres beyond chance, and a tower that loads as SigLIP2
+weights."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from weft.stages.shapes.scene import Obj, Scene, SceneConfig, sample_scene
 from weft.stages.shapes.vit_train import (
     MIN_COVER,
     load_stats,
+    patch_centres,
     patch_classes,
     patch_labels,
     scene_batch,
@@ -30,6 +32,9 @@ def test_an_aligned_square_labels_exactly_its_four_patches() -> None:
     expected = np.zeros((8, 8), dtype=np.int64)
     expected[2:4, 2:4] = blue_square
     np.testing.assert_array_equal(labels, expected)
+    centres = patch_centres(scene, 4).reshape(8, 8, 2)
+    np.testing.assert_allclose(centres[2:4, 2:4], 12 / 32)  # the square's centre, both axes
+    assert not centres[labels == 0].any()
 
 
 def test_patch_labels_match_a_pixel_count_reference() -> None:
@@ -50,8 +55,9 @@ def test_patch_labels_match_a_pixel_count_reference() -> None:
 
 def test_scene_batch_patches_are_what_the_model_reads() -> None:
     rng = np.random.default_rng(5)
-    pixels, labels = scene_batch(rng, WORLD, 2, 4)
+    pixels, labels, centres = scene_batch(rng, WORLD, 2, 4)
     assert pixels.shape == (2, 64, 48) and labels.shape == (2, 64)
+    assert centres.shape == (2, 64, 2)
     scene = sample_scene(np.random.default_rng(5), WORLD)
     image = torch.from_numpy(render(scene)).permute(2, 0, 1)
     torch.testing.assert_close(pixels[0], prepare_vit_image(image, 4, 64)[0])
@@ -59,15 +65,18 @@ def test_scene_batch_patches_are_what_the_model_reads() -> None:
 
 def test_pretraining_learns_shape_and_loads_as_siglip2(tmp_path) -> None:
     out = train_shapes_vit(tmp_path / "vit", WORLD, hidden=32, layers=2, patch=4, steps=300,
-                           batch_size=32, lr=5e-3)
+                           batch_size=32, lr=5e-3, location_weight=10.0)
     stats = load_stats(out)
     assert stats.classes == patch_classes(WORLD)
     assert stats.last_loss < stats.first_loss / 4
     # chance for the shape of an object patch is 1/3 (3 shapes); colour alone is easy
     assert stats.shape_accuracy > 0.6, stats
-    _, labels = scene_batch(np.random.default_rng(9), WORLD, 256, 4)
+    _, labels, _ = scene_batch(np.random.default_rng(9), WORLD, 256, 4)
     background = float((labels == 0).float().mean())  # what "all background" scores
     assert stats.patch_accuracy > background + 0.1, (stats.patch_accuracy, background)
+    # where: an object patch finds its object's centre far closer than the object's side
+    # (10-14 px; guessing the image centre is off by ~9 px)
+    assert stats.centre_error_px < 3.0, stats.centre_error_px
     encoder = VisionEncoder.from_pretrained(out)
     assert (encoder.patch_size, encoder.hidden_size) == (4, 32)
     patches, grid = prepare_vit_image(torch.zeros(3, 32, 32, dtype=torch.uint8), 4, 64)
