@@ -144,15 +144,14 @@ def _first_word(text: str) -> str:
 
 
 def closed_answer(text: str, options: Sequence[str]) -> str:
-    """The answer-space entry the reply starts with (longest first: "top left" before
-    "top"), else its first word: answers are tokenized without a leading space, and a
-    small model often runs the answer's token into a fragment of another ("circle" +
-    "angle" -> "circleangle")."""
-    reply = normalize_answer(text)
+    """The reply's first word, or the answer-space entry it starts with (longest first):
+    answers are tokenized without a leading space, and a small model often runs the
+    answer's token into a fragment of another ("circle" + "angle" -> "circleangle")."""
+    word = _first_word(text)
     for option in sorted(options, key=len, reverse=True):
-        if reply.startswith(normalize_answer(option)):
+        if word.startswith(normalize_answer(option)):
             return option
-    return _first_word(text)
+    return word
 
 
 def _grid(rows: Sequence[Sequence[np.ndarray]], path: Path, scale: int = 2) -> Path:

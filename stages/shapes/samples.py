@@ -36,7 +36,7 @@ from weft.stages.shapes.text import (
 )
 
 GENERATOR = "weft.shapes"
-GENERATOR_VERSION = "3"  # bump when any sample a seed gives changes (2: count-of-a-shape, 3: where)
+GENERATOR_VERSION = "2"  # bump when any sample a seed gives changes (2: count-of-a-shape)
 TASK_KINDS = {"t2i": "text_to_image", "vqa": "vqa", "caption": "vqa", "edit": "image_edit",
               "video": "video_clip"}
 TASKS = tuple(TASK_KINDS)

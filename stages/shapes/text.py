@@ -21,22 +21,18 @@ import numpy as np
 from weft.stages.shapes.scene import (
     OPPOSITE,
     PALETTE,
-    REGIONS,
     RELATIONS,
     SHAPES,
     Obj,
     Scene,
     SceneConfig,
     pick,
-    region_of,
     relations,
     sample_objects,
 )
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-# where: the 3 x 3 region an object lies in ("top left"), the one-object half of
-# "position" (is A left of B?: two lookups, a comparison and the asked word)
-QUESTION_TYPES = ("count", "count_shape", "colour", "shape", "position", "exists", "where")
+QUESTION_TYPES = ("count", "count_shape", "colour", "shape", "position", "exists")
 CAPTION_QUESTION = "Describe the image."
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 _COUNT = "|".join(("a", "an", *NUMBERS))
@@ -219,12 +215,6 @@ def _question(rng: np.random.Generator, scene: Scene, cfg: SceneConfig,
         yes = bool(rng.integers(2))
         asked = rel if yes else OPPOSITE[rel]
         return QA(qtype, f"Is {the(a)} {asked} {the(b)}?", "yes" if yes else "no")
-    if qtype == "where":
-        named = _unique(scene)
-        if not named:
-            return None
-        o = pick(rng, named)
-        return QA(qtype, f"Where is {the(o)}?", region_of(o, cfg))
     if qtype == "exists":
         present = sorted({o.label for o in objs})
         absent = [(c, s) for c in cfg.colours for s in cfg.shapes if (c, s) not in present]
@@ -259,8 +249,6 @@ def answer_space(qtype: str, cfg: SceneConfig) -> list[str]:
         return list(cfg.shapes)
     if qtype in ("position", "exists"):
         return ["yes", "no"]
-    if qtype == "where":
-        return list(REGIONS)
     raise ValueError(f"question type must be one of {QUESTION_TYPES}, got {qtype!r}")
 
 

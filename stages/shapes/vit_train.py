@@ -122,26 +122,30 @@ def _features(vit: torch.nn.Module, pixels: torch.Tensor, grid: int) -> torch.Te
                spatial_shapes=shapes).last_hidden_state
 
 
-def _loss(out: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor,
+def _loss(out: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, n_classes: int,
           location_weight: float) -> torch.Tensor:
-    logits, where = out[..., :-2], out[..., -2:]
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    loss = torch.nn.functional.cross_entropy(out[..., :n_classes].flatten(0, 1),
+                                             labels.flatten())
     on = labels > 0
     if location_weight and bool(on.any()):
+        where = out[..., n_classes:]
         loss = loss + location_weight * ((where[on] - centres[on]) ** 2).sum(-1).mean()
     return loss
 
 
 @torch.no_grad()
 def _accuracy(vit: torch.nn.Module, head: torch.nn.Module, pixels: torch.Tensor,
-              labels: torch.Tensor, centres: torch.Tensor, grid: int, n_shapes: int,
-              size: int) -> tuple[float, float, float, float]:
+              labels: torch.Tensor, centres: torch.Tensor, grid: int, n_classes: int,
+              n_shapes: int, size: int) -> tuple[float, float, float, float]:
+    """Held-out (patch, object, shape accuracy, centre error in px: nan when untrained)."""
     device = next(vit.parameters()).device
     out = head(_features(vit, pixels.to(device), grid)).cpu()
-    pred = out[..., :-2].argmax(-1)
+    pred = out[..., :n_classes].argmax(-1)
     on = labels > 0
     same_shape = (pred - 1) % n_shapes == (labels - 1) % n_shapes
-    error = float((out[..., -2:][on] - centres[on]).norm(dim=-1).mean()) * size
+    error = float("nan")
+    if out.shape[-1] > n_classes:
+        error = float((out[..., n_classes:][on] - centres[on]).norm(dim=-1).mean()) * size
     return (float((pred == labels).float().mean()), float((pred == labels)[on].float().mean()),
             float((same_shape & (pred > 0))[on].float().mean()), error)
 
@@ -165,7 +169,8 @@ def train_shapes_vit(out_dir: str | Path, scene: SceneConfig, hidden: int = 64,
         grid = scene.image_size // patch
         classes = patch_classes(scene)
         vit = make_vit(hidden, layers, patch).to(device).train()
-        head = torch.nn.Linear(hidden, len(classes) + 2).to(device)  # classes, centre x y
+        # classes, then the centre's x and y when it is trained
+        head = torch.nn.Linear(hidden, len(classes) + (2 if location_weight else 0)).to(device)
         params = [*vit.parameters(), *head.parameters()]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
@@ -175,7 +180,8 @@ def train_shapes_vit(out_dir: str | Path, scene: SceneConfig, hidden: int = 64,
         for step in range(steps):
             pixels, labels, centres = scene_batch(rng, scene, batch_size, patch)
             out = head(_features(vit, pixels.to(device), grid))
-            loss = _loss(out, labels.to(device), centres.to(device), location_weight)
+            loss = _loss(out, labels.to(device), centres.to(device), len(classes),
+                         location_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -189,8 +195,7 @@ def train_shapes_vit(out_dir: str | Path, scene: SceneConfig, hidden: int = 64,
         vit.eval()
         held_out = scene_batch(np.random.default_rng(seed + 1_000_003), scene, 256, patch)
         patch_acc, object_acc, shape_acc, centre_px = _accuracy(
-            vit, head, *held_out, grid, len(scene.shapes), scene.image_size)
-        centre_px = centre_px if location_weight else float("nan")  # untrained head
+            vit, head, *held_out, grid, len(classes), len(scene.shapes), scene.image_size)
         with quiet_transformers():
             vit.cpu().save_pretrained(tmp)  # safetensors
         k = max(1, min(10, steps // 10))

@@ -90,12 +90,6 @@ def _truth(scene: Scene, question: str) -> str:
                     "below": "above"}[m.group(3)]
         assert m.group(3) in rel or opposite in rel, "asked an undecided relation"
         return "yes" if m.group(3) in rel else "no"
-    if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
-        obj = _named(scene, m.group(1), m.group(2))
-        third = scene.image_size / 3
-        row, col = min(2, int(obj.y // third)), min(2, int(obj.x // third))
-        return [["top left", "top", "top right"], ["left", "center", "right"],
-                ["bottom left", "bottom", "bottom right"]][row][col]
     if m := re.fullmatch(r"Is there an? (\w+) (\w+)\?", question):
         return "yes" if (m.group(1), m.group(2)) in scene.labels() else "no"
     raise AssertionError(f"unknown question {question!r}")
@@ -115,7 +109,6 @@ def test_vqa_answers_match_the_scene() -> None:
             answers[qa.type].add(qa.answer)
     assert seen_types == set(QUESTION_TYPES)
     assert answers["position"] == answers["exists"] == {"yes", "no"}
-    assert len(answers["where"]) == 9  # every region named
 
 
 def test_answers_normalise() -> None:
