@@ -37,18 +37,27 @@ def _build_once(path: str | Path, save: Callable[[Path], None]) -> Path:
     return build_dir_once(path, seeded_save, _is_complete)
 
 
-def make_tiny_siglip2(path: str | Path, hidden: int = 32, layers: int = 2,
-                      patch: int = 16, num_patches: int = 256) -> Path:
-    """A random `Siglip2VisionModel` (hidden 32, 2 layers, patch 16, 16x16 position grid)."""
+def tiny_siglip2(hidden: int = 32, layers: int = 2, patch: int = 16,
+                 num_patches: int = 256) -> torch.nn.Module:
+    """A random `Siglip2VisionModel` without pooling head (MLP 2x wide, 2 heads)."""
     from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
+    config = Siglip2VisionConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                 num_hidden_layers=layers, num_attention_heads=2,
+                                 patch_size=patch, num_patches=num_patches,
+                                 vision_use_head=False)
+    with quiet_transformers():
+        return Siglip2VisionModel(config)
+
+
+def make_tiny_siglip2(path: str | Path, hidden: int = 32, layers: int = 2,
+                      patch: int = 16, num_patches: int = 256) -> Path:
+    """A random `tiny_siglip2` saved at path (hidden 32, 2 layers, patch 16, 16x16
+    position grid by default)."""
+
     def save(tmp: Path) -> None:
-        config = Siglip2VisionConfig(hidden_size=hidden, intermediate_size=2 * hidden,
-                                     num_hidden_layers=layers, num_attention_heads=2,
-                                     patch_size=patch, num_patches=num_patches,
-                                     vision_use_head=False)
         with quiet_transformers():
-            Siglip2VisionModel(config).save_pretrained(tmp)  # safetensors
+            tiny_siglip2(hidden, layers, patch, num_patches).save_pretrained(tmp)  # safetensors
 
     return _build_once(path, save)
 

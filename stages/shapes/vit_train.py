@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from weft.model.tiny_parts import tiny_siglip2
 from weft.model.vision import patchify_image, quiet_transformers
 from weft.schemas.run_dir import build_dir_once
 from weft.stages.shapes.render import object_mask, render
@@ -102,18 +103,6 @@ def scene_batch(rng: np.random.Generator, cfg: SceneConfig, n: int, patch: int
     return torch.stack(pixels), torch.stack(labels), torch.stack(centres)
 
 
-def make_vit(hidden: int, layers: int, patch: int, num_patches: int = 256) -> torch.nn.Module:
-    """An untrained `Siglip2VisionModel` (no pooling head), as `make_tiny_siglip2` builds it."""
-    from transformers import Siglip2VisionConfig, Siglip2VisionModel
-
-    config = Siglip2VisionConfig(hidden_size=hidden, intermediate_size=2 * hidden,
-                                 num_hidden_layers=layers, num_attention_heads=2,
-                                 patch_size=patch, num_patches=num_patches,
-                                 vision_use_head=False)
-    with quiet_transformers():
-        return Siglip2VisionModel(config)
-
-
 def _features(vit: torch.nn.Module, pixels: torch.Tensor, grid: int) -> torch.Tensor:
     n, tokens = pixels.shape[:2]
     mask = torch.ones(n, tokens, dtype=torch.bool, device=pixels.device)
@@ -168,7 +157,7 @@ def train_shapes_vit(out_dir: str | Path, scene: SceneConfig, hidden: int = 64,
         rng = np.random.default_rng(seed)
         grid = scene.image_size // patch
         classes = patch_classes(scene)
-        vit = make_vit(hidden, layers, patch).to(device).train()
+        vit = tiny_siglip2(hidden, layers, patch).to(device).train()
         # classes, then the centre's x and y when it is trained
         head = torch.nn.Linear(hidden, len(classes) + (2 if location_weight else 0)).to(device)
         params = [*vit.parameters(), *head.parameters()]
@@ -213,6 +202,6 @@ def load_stats(vit_dir: str | Path) -> VitTrainStats:
     return VitTrainStats(**json.loads((Path(vit_dir) / STATS_FILE).read_text()))
 
 
-__all__ = ["MIN_COVER", "STATS_FILE", "VitTrainStats", "load_stats", "make_vit",
+__all__ = ["MIN_COVER", "STATS_FILE", "VitTrainStats", "load_stats",
            "patch_centres", "patch_classes", "patch_labels", "patch_owners", "scene_batch",
            "train_shapes_vit"]
