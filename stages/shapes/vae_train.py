@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from weft.stages.shapes.render import render
-from weft.stages.shapes.scene import SceneConfig, sample_scene
+from weft.stages.shapes.scene import Scene, SceneConfig, sample_scene
 
 STATS_FILE = "shapes_vae_stats.json"  # training summary written next to the weights
 
@@ -60,10 +61,15 @@ def make_shapes_vae(image_size: int = 64, widths: tuple[int, ...] = (16, 32, 32,
         use_quant_conv=False, use_post_quant_conv=False)
 
 
-def render_batch(rng: np.random.Generator, cfg: SceneConfig, n: int) -> torch.Tensor:
-    """n random scenes as [n, 3, H, W] in [-1, 1] (the codec's input range)."""
-    images = np.stack([render(sample_scene(rng, cfg)) for _ in range(n)])
+def render_scenes(scenes: Sequence[Scene]) -> torch.Tensor:
+    """Scenes rendered as [n, 3, H, W] in [-1, 1] (the codec's and SigLIP2's input range)."""
+    images = np.stack([render(scene) for scene in scenes])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def render_batch(rng: np.random.Generator, cfg: SceneConfig, n: int) -> torch.Tensor:
+    """n random scenes as [n, 3, H, W] in [-1, 1]."""
+    return render_scenes([sample_scene(rng, cfg) for _ in range(n)])
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -168,8 +174,7 @@ def reconstruction_report(vae_dir: str | Path, n: int = 64, seed: int = 1,
         raise ValueError(f"scene image_size {cfg.image_size} != the VAE's sample_size {size}")
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, cfg) for _ in range(n)]
-    x = torch.stack([torch.from_numpy(render(s)).permute(2, 0, 1).float() / 127.5 - 1.0
-                     for s in scenes])
+    x = render_scenes(scenes)
     latents = codec.encode(list(x))
     z = torch.stack(latents)
     if latent_noise:
@@ -184,4 +189,5 @@ def reconstruction_report(vae_dir: str | Path, n: int = 64, seed: int = 1,
 
 
 __all__ = ["STATS_FILE", "VaeTrainStats", "latent_stats", "load_stats", "make_shapes_vae",
-           "reconstruction_report", "render_batch", "to_uint8", "train_shapes_vae"]
+           "reconstruction_report", "render_batch", "render_scenes", "to_uint8",
+           "train_shapes_vae"]

@@ -30,10 +30,11 @@ import torch
 from tqdm import tqdm
 
 from weft.model.tiny_parts import tiny_siglip2
-from weft.model.vision import patchify_image, quiet_transformers
+from weft.model.vision import VisionEncoder, patchify_image, quiet_transformers
 from weft.schemas.run_dir import build_dir_once
-from weft.stages.shapes.render import object_mask, render
+from weft.stages.shapes.render import object_mask
 from weft.stages.shapes.scene import Scene, SceneConfig, sample_scene
+from weft.stages.shapes.vae_train import render_scenes
 
 STATS_FILE = "shapes_vit_stats.json"  # training summary written next to the weights
 MIN_COVER = 0.25  # a patch is an object's when the object covers at least this share of it
@@ -74,41 +75,47 @@ def patch_owners(scene: Scene, patch: int) -> np.ndarray:
     return cover.argmax(axis=0).reshape(-1)
 
 
+def _object_classes(scene: Scene, cfg: SceneConfig) -> np.ndarray:
+    """[1 + objects]: background's class 0, then each object's index into `patch_classes`."""
+    return np.asarray([0] + [1 + cfg.colours.index(o.colour) * len(cfg.shapes)
+                             + cfg.shapes.index(o.shape) for o in scene.objects],
+                      dtype=np.int64)
+
+
+def _object_centres(scene: Scene) -> np.ndarray:
+    """[1 + objects, 2]: (0, 0) for background, then each object's centre (x, y) as
+    fractions of the side."""
+    return np.asarray([(0.0, 0.0)] + [(o.x / scene.image_size, o.y / scene.image_size)
+                                      for o in scene.objects], dtype=np.float32)
+
+
 def patch_labels(scene: Scene, cfg: SceneConfig, patch: int) -> np.ndarray:
     """The class of each patch, row-major [rows * cols] (index into `patch_classes`)."""
-    class_of = [0] + [1 + cfg.colours.index(o.colour) * len(cfg.shapes)
-                      + cfg.shapes.index(o.shape) for o in scene.objects]
-    return np.asarray(class_of, dtype=np.int64)[patch_owners(scene, patch)]
+    return _object_classes(scene, cfg)[patch_owners(scene, patch)]
 
 
 def patch_centres(scene: Scene, patch: int) -> np.ndarray:
     """The centre (x, y) of the object covering each patch, as fractions of the side,
     [rows * cols, 2]; background patches get (0, 0) (they are not scored)."""
-    centres = [(0.0, 0.0)] + [(o.x / scene.image_size, o.y / scene.image_size)
-                              for o in scene.objects]
-    return np.asarray(centres, dtype=np.float32)[patch_owners(scene, patch)]
+    return _object_centres(scene)[patch_owners(scene, patch)]
 
 
 def scene_batch(rng: np.random.Generator, cfg: SceneConfig, n: int, patch: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n random scenes as SigLIP2 patches [n, rows * cols, 3 p p], labels [n, rows * cols]
     and object centres [n, rows * cols, 2]."""
-    pixels, labels, centres = [], [], []
-    for _ in range(n):
-        scene = sample_scene(rng, cfg)
-        image = torch.from_numpy(render(scene)).permute(2, 0, 1).float() / 127.5 - 1.0
-        pixels.append(patchify_image(image, patch)[0])
-        labels.append(torch.from_numpy(patch_labels(scene, cfg, patch)))
-        centres.append(torch.from_numpy(patch_centres(scene, patch)))
-    return torch.stack(pixels), torch.stack(labels), torch.stack(centres)
+    scenes = [sample_scene(rng, cfg) for _ in range(n)]
+    pixels = torch.stack([patchify_image(image, patch)[0] for image in render_scenes(scenes)])
+    owners = [patch_owners(scene, patch) for scene in scenes]  # object masks: once a scene
+    labels = np.stack([_object_classes(s, cfg)[o] for s, o in zip(scenes, owners, strict=True)])
+    centres = np.stack([_object_centres(s)[o] for s, o in zip(scenes, owners, strict=True)])
+    return pixels, torch.from_numpy(labels), torch.from_numpy(centres)
 
 
-def _features(vit: torch.nn.Module, pixels: torch.Tensor, grid: int) -> torch.Tensor:
+def _features(vit: VisionEncoder, pixels: torch.Tensor, grid: int) -> torch.Tensor:
+    """[n, tokens, 3 p p] -> [n, tokens, hidden], through the model's own encoder path."""
     n, tokens = pixels.shape[:2]
-    mask = torch.ones(n, tokens, dtype=torch.bool, device=pixels.device)
-    shapes = torch.tensor([[grid, grid]] * n, device=pixels.device)
-    return vit(pixel_values=pixels, pixel_attention_mask=mask,
-               spatial_shapes=shapes).last_hidden_state
+    return vit(pixels.flatten(0, 1), [(grid, grid)] * n).reshape(n, tokens, -1)
 
 
 def _loss(out: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, n_classes: int,
@@ -123,7 +130,7 @@ def _loss(out: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, n_clas
 
 
 @torch.no_grad()
-def _accuracy(vit: torch.nn.Module, head: torch.nn.Module, pixels: torch.Tensor,
+def _accuracy(vit: VisionEncoder, head: torch.nn.Module, pixels: torch.Tensor,
               labels: torch.Tensor, centres: torch.Tensor, grid: int, n_classes: int,
               n_shapes: int, size: int) -> tuple[float, float, float, float]:
     """Held-out (patch, object, shape accuracy, centre error in px: nan when untrained)."""
@@ -157,7 +164,7 @@ def train_shapes_vit(out_dir: str | Path, scene: SceneConfig, hidden: int = 64,
         rng = np.random.default_rng(seed)
         grid = scene.image_size // patch
         classes = patch_classes(scene)
-        vit = tiny_siglip2(hidden, layers, patch).to(device).train()
+        vit = VisionEncoder(tiny_siglip2(hidden, layers, patch)).to(device).train()
         # classes, then the centre's x and y when it is trained
         head = torch.nn.Linear(hidden, len(classes) + (2 if location_weight else 0)).to(device)
         params = [*vit.parameters(), *head.parameters()]
@@ -186,7 +193,7 @@ def train_shapes_vit(out_dir: str | Path, scene: SceneConfig, hidden: int = 64,
         patch_acc, object_acc, shape_acc, centre_px = _accuracy(
             vit, head, *held_out, grid, len(classes), len(scene.shapes), scene.image_size)
         with quiet_transformers():
-            vit.cpu().save_pretrained(tmp)  # safetensors
+            vit.model.cpu().save_pretrained(tmp)  # safetensors
         k = max(1, min(10, steps // 10))
         stats = VitTrainStats(steps, float(np.mean(history[:k])), float(np.mean(history[-k:])),
                               patch_acc, object_acc, shape_acc, time.perf_counter() - start,
