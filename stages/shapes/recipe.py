@@ -75,6 +75,8 @@ class VitRecipe(BaseModel):
     pretrain_lr: float = Field(5e-3, gt=0, description="peak lr of the one-cycle schedule")
     pretrain_location_weight: float = Field(0.0, ge=0, description="weight of the "
                                             "object-centre loss; 0: patch classes only")
+    pretrain_seed: int = Field(0, ge=0, description="seeds the tower's init and its renders "
+                               "(a seed study varies it with train.seed)")
 
 
 class TokenizerRecipe(BaseModel):
@@ -192,7 +194,7 @@ def shapes_vit(models_dir: str | Path, vit: VitRecipe, scene: Any = None,
                                 patch=vit.patch_size, steps=vit.pretrain_steps,
                                 batch_size=vit.pretrain_batch_size, lr=vit.pretrain_lr,
                                 location_weight=vit.pretrain_location_weight,
-                                progress=progress)
+                                seed=vit.pretrain_seed, progress=progress)
     from weft.model.tiny_parts import make_tiny_siglip2
 
     return make_tiny_siglip2(Path(models_dir) / name, hidden=vit.hidden_size,

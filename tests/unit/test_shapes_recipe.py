@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from weft.stages.shapes.recipe import (
     CPU_RECIPE,
@@ -90,3 +92,8 @@ def test_a_pretrained_vit_is_its_own_directory_and_needs_its_scene(tmp_path) -> 
     assert shapes_vit(tmp_path, recipe, scene) == path  # found again
     more = shapes_vit(tmp_path, recipe.model_copy(update={"pretrain_steps": 3}), scene)
     assert more != path and load_stats(more).steps == 3
+    seeded = shapes_vit(tmp_path, recipe.model_copy(update={"pretrain_seed": 1}), scene)
+    assert seeded not in (path, more)
+    first, second = (load_file(p / "model.safetensors") for p in (path, seeded))
+    assert first.keys() == second.keys()
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # another tower
