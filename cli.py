@@ -729,7 +729,7 @@ def shapes_recipe(
 ) -> None:
     """Data, VAE, ViT, training and the shapes evaluation of one recipe, end to end; prints
     the table (accuracy against chance per category) and what each step took."""
-    from weft.stages.shapes.evaluate import task_means
+    from weft.stages.shapes.evaluate import chance_summary, task_means
     from weft.stages.shapes.recipe import RecipeError, load_recipe, run_recipe
     from weft.train.__main__ import parse_overrides, setup_logging
     from weft.train.config import TrainConfigError
@@ -753,6 +753,7 @@ def shapes_recipe(
     console.print(table)
     console.print(f"per task: {task_means(result.table)}; grids: "
                   f"{', '.join(map(str, result.pngs))}")
+    console.print(chance_summary(result.table))
 
 
 @policy_app.command("apply")

@@ -250,7 +250,7 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
         chances["caption"] = chance["caption"]["caption"]
     order = [*(f"geneval/{c}" for c in CATEGORIES), *(f"edit/{o}" for o in EDIT_OPS),
              *(f"vqa/{q}" for q in QUESTION_TYPES), "caption"]
-    table = evaluate(results, chances, order)
+    table = evaluate(results, chances, order, {k: int(v) for k, v in chance["draws"].items()})
     (out / "table.md").write_text(table.to_markdown() + "\n")
     return table, pngs
 
@@ -316,6 +316,15 @@ def task_means(table: EvalTable) -> str:
     return ", ".join(f"{t} {task_mean(table, t):.3f}" for t in TASKS)
 
 
+def chance_summary(table: EvalTable, alpha: float = 0.05) -> str:
+    """One line: how many rows are above chance at significance alpha, and which are not."""
+    above = table.above_chance(alpha)
+    behind = [c for c, ok in above.items() if not ok]
+    line = f"above chance (one-sided binomial p < {alpha}): {len(above) - len(behind)} of " \
+           f"{len(above)} rows"
+    return f"{line}; not: {', '.join(behind)}" if behind else line
+
+
 def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = None,
                     shapes_config: str | Path | None = None, n_per_category: int = 8,
                     steps: int = 20, cfg_text_scale: float = 4.0,
@@ -331,7 +340,8 @@ def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = Non
     table, pngs = evaluate_loaded(run, cfg, out, n_per_category, steps,
                                   cfg_text_scale=cfg_text_scale,
                                   cfg_image_scale=cfg_image_scale)
-    markdown = f"{table.to_markdown()}\n\nper task: {task_means(table)}"
+    markdown = f"{table.to_markdown()}\n\nper task: {task_means(table)}\n" \
+               f"{chance_summary(table)}"
     if diagnose:
         from weft.stages.shapes.diagnose import diagnose as run_diagnosis
 
@@ -342,6 +352,6 @@ def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = Non
     return markdown, pngs
 
 
-__all__ = ["TASKS", "Loaded", "answer", "eval_shapes_cli", "evaluate_loaded", "evaluate_run",
-           "generate", "load_run", "prompt_contexts", "task_mean", "task_means",
+__all__ = ["TASKS", "Loaded", "answer", "chance_summary", "eval_shapes_cli", "evaluate_loaded",
+           "evaluate_run", "generate", "load_run", "prompt_contexts", "task_mean", "task_means",
            "trained_scene"]

@@ -20,6 +20,7 @@ domain the training generator never uses.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -131,6 +132,29 @@ def detector_accuracy(cfg: SceneConfig, n: int = 500, blur: float = 0.0, noise: 
 
 
 # ---- the table --------------------------------------------------------------------------------
+def chance_for_test(chance: float, draws: int | None) -> float:
+    """The chance rate a significance test uses: the measured rate, except that a rate
+    measured as 0 becomes the rule of three's 95% upper bound, 3 / draws (none of 75
+    random scenes was the edit does not make one hit in 48 a discovery)."""
+    return 3.0 / draws if chance == 0 and draws else chance
+
+
+def binomial_tail(correct: int, n: int, chance: float) -> float:
+    """P(at least `correct` of n right by chance): the one-sided exact binomial p-value.
+
+    At 48 items a row, 0.65 against a chance of 0.52 is p ~ 0.05, 0.23 against 0.22 is
+    p ~ 0.5: the p-value says which rows show learning and which are noise.
+    """
+    if not 0 <= correct <= n:
+        raise ValueError(f"correct must lie in [0, n={n}], got {correct}")
+    if chance <= 0:
+        return 0.0 if correct > 0 else 1.0
+    if chance >= 1:
+        return 1.0
+    return min(1.0, math.fsum(math.comb(n, k) * chance**k * (1 - chance) ** (n - k)
+                              for k in range(correct, n + 1)))
+
+
 @dataclass
 class CategoryScore:
     category: str
@@ -138,6 +162,16 @@ class CategoryScore:
     correct: int
     accuracy: float
     chance: float | None = None
+    chance_draws: int | None = None  # how many draws measured `chance`
+
+    @property
+    def p_value(self) -> float | None:
+        """One-sided binomial p of this many right at the chance rate (`chance_for_test`;
+        None: no chance)."""
+        if self.chance is None:
+            return None
+        return binomial_tail(self.correct, self.n,
+                             chance_for_test(self.chance, self.chance_draws))
 
 
 @dataclass
@@ -158,22 +192,38 @@ class EvalTable:
         return {r.category: r.accuracy > r.chance + margin for r in self.rows
                 if r.chance is not None}
 
+    def above_chance(self, alpha: float = 0.05) -> dict[str, bool]:
+        """Per category: above chance at significance alpha (one-sided exact binomial test,
+        chance taken as known); categories without a chance: absent."""
+        return {r.category: r.p_value < alpha for r in self.rows if r.p_value is not None}
+
     def as_dict(self) -> dict[str, Any]:
-        return {"rows": [asdict(r) for r in self.rows], "overall": self.overall}
+        return {"rows": [{**asdict(r), "p_value": r.p_value} for r in self.rows],
+                "overall": self.overall}
 
     def to_markdown(self) -> str:
-        lines = ["| category | n | accuracy | chance |", "|---|---:|---:|---:|"]
+        lines = ["| category | n | accuracy | chance | p |", "|---|---:|---:|---:|---:|"]
         for r in self.rows:
             chance = "-" if r.chance is None else f"{r.chance:.3f}"
-            lines.append(f"| {r.category} | {r.n} | {r.accuracy:.3f} | {chance} |")
-        lines.append(f"| **overall** | {sum(r.n for r in self.rows)} | {self.overall:.3f} | |")
+            lines.append(f"| {r.category} | {r.n} | {r.accuracy:.3f} | {chance} | "
+                         f"{_p_text(r.p_value)} |")
+        lines.append(f"| **overall** | {sum(r.n for r in self.rows)} | {self.overall:.3f} "
+                     "| | |")
         return "\n".join(lines)
+
+
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def evaluate(results: Iterable[tuple[str, bool]],
              chance: Mapping[str, float] | None = None,
-             order: Sequence[str] | None = None) -> EvalTable:
-    """(category, passed) pairs as a table; `order` fixes the row order (default: sorted)."""
+             order: Sequence[str] | None = None,
+             chance_draws: Mapping[str, int] | None = None) -> EvalTable:
+    """(category, passed) pairs as a table; `order` fixes the row order (default: sorted);
+    `chance_draws`: how many draws measured each chance (`chance_levels()["draws"]`)."""
     tally: dict[str, list[int]] = {}
     for category, passed in results:
         counts = tally.setdefault(category, [0, 0])
@@ -182,7 +232,8 @@ def evaluate(results: Iterable[tuple[str, bool]],
     names = [c for c in (order or sorted(tally)) if c in tally]
     names += sorted(set(tally) - set(names))
     return EvalTable([CategoryScore(c, tally[c][0], tally[c][1], tally[c][1] / tally[c][0],
-                                    (chance or {}).get(c)) for c in names])
+                                    (chance or {}).get(c), (chance_draws or {}).get(c))
+                      for c in names])
 
 
 def geneval(specs: Sequence[PromptSpec], images: Sequence[np.ndarray],
@@ -260,13 +311,17 @@ def chance_levels(cfg: SceneConfig, n: int = 1000, seed: int = 0) -> dict[str, d
     (`vqa_majority`: always the type's most frequent answer, the prior a blind model learns);
     caption: the caption of another random scene; edit: a random scene as the edit
     (`edit`) and the unchanged source (`edit_copy`, the do-nothing baseline).
+    `draws`: how many draws each measured rate rests on, by table row
+    (`geneval/colors`, `edit/add`, `vqa/count`, `caption`).
     """
     out: dict[str, dict[str, float]] = {"geneval": {}, "vqa": {}, "vqa_majority": {},
-                                        "caption": {}, "edit": {}, "edit_copy": {}}
+                                        "caption": {}, "edit": {}, "edit_copy": {},
+                                        "draws": {}}
     for c, category in enumerate(CATEGORIES):
         hits = [score_prompt(sample_prompt(eval_rng(seed, 10, c, i), cfg, category),
                              sample_scene(eval_rng(seed, 11, c, i), cfg)) for i in range(n)]
         out["geneval"][category] = _mean(hits)
+        out["draws"][f"geneval/{category}"] = len(hits)
     votes: dict[str, list[bool]] = {t: [] for t in QUESTION_TYPES}
     answers: dict[str, list[str]] = {t: [] for t in QUESTION_TYPES}
     for i, (_, pairs) in enumerate(eval_vqa(cfg, n, seed + 1)):
@@ -277,9 +332,11 @@ def chance_levels(cfg: SceneConfig, n: int = 1000, seed: int = 0) -> dict[str, d
     out["vqa"] = {t: _mean(v) for t, v in votes.items() if v}
     out["vqa_majority"] = {t: max(Counter(a).values()) / len(a)
                            for t, a in answers.items() if a}
+    out["draws"].update({f"vqa/{t}": len(a) for t, a in answers.items() if a})
     scenes = eval_captions(cfg, n + 1, seed + 1)
     out["caption"]["caption"] = _mean([caption_correct(caption(a), b)
                                        for a, b in itertools.pairwise(scenes)])
+    out["draws"]["caption"] = len(scenes) - 1
     edits = eval_edits(cfg, max(1, n // len(EDIT_OPS)), seed + 1)
     tol = default_pos_tol(cfg.image_size)
     for op in EDIT_OPS:
@@ -287,6 +344,7 @@ def chance_levels(cfg: SceneConfig, n: int = 1000, seed: int = 0) -> dict[str, d
         out["edit"][op] = _mean([match_scene(e.target, sample_scene(eval_rng(seed, 13, i), cfg),
                                              tol) for i, e in enumerate(mine)])
         out["edit_copy"][op] = _mean([match_scene(e.target, e.source, tol) for e in mine])
+        out["draws"][f"edit/{op}"] = len(mine)
     return out
 
 
@@ -316,7 +374,8 @@ def wrong_scene(rng: np.random.Generator, cfg: SceneConfig, spec: PromptSpec) ->
     return prompt_scene(rng, cfg, PromptSpec(spec.category, "", tuple(reqs), relation))
 
 
-__all__ = ["EVAL_SALT", "CategoryScore", "EvalTable", "answer_correct", "caption_accuracy",
-           "chance_levels", "default_pos_tol", "detector_accuracy", "edit_accuracy",
-           "edit_correct", "eval_captions", "eval_edits", "eval_prompts", "eval_rng", "eval_vqa",
-           "evaluate", "geneval", "geneval_image", "score_prompt", "vqa_accuracy", "wrong_scene"]
+__all__ = ["EVAL_SALT", "CategoryScore", "EvalTable", "answer_correct", "binomial_tail",
+           "caption_accuracy", "chance_for_test", "chance_levels", "default_pos_tol",
+           "detector_accuracy", "edit_accuracy", "edit_correct", "eval_captions", "eval_edits",
+           "eval_prompts", "eval_rng", "eval_vqa", "evaluate", "geneval", "geneval_image",
+           "score_prompt", "vqa_accuracy", "wrong_scene"]

@@ -42,6 +42,7 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
         assert category in result.output
     [run] = tmp_path.glob("train-*")
     assert (run / "eval" / "table.md").is_file()
+    assert "above chance (one-sided binomial p < 0.05):" in result.output
     assert (run / "eval" / "geneval.png").is_file()
     assert (run / "eval" / "edits.png").is_file()
     assert (run / "export").is_dir()
@@ -67,6 +68,7 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
                                          "1", "--steps", "2", "--cfg-text", "1.0",
                                          "--out", str(tmp_path / "eval-cli"), "--diagnose"])
     assert evaluated.exit_code == 0, evaluated.output
+    assert "above chance (one-sided binomial" in evaluated.output
     assert "geneval/colors" in evaluated.output and (tmp_path / "eval-cli" / "table.md").is_file()
     # --diagnose: completion per t0 for every category, sensitivity per t (6 prompts)
     diagnosis = json.loads((tmp_path / "eval-cli" / "diagnose.json").read_text())

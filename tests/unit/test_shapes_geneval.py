@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 
 from weft.stages.shapes.edits import EDIT_OPS
 from weft.stages.shapes.geneval import (
+    binomial_tail,
     caption_accuracy,
+    chance_for_test,
     chance_levels,
     edit_accuracy,
     edit_correct,
@@ -59,6 +62,10 @@ def test_chance_is_low_for_every_category(chance) -> None:
     assert chance["caption"]["caption"] < 0.05
     assert all(v == 0.0 for v in chance["edit_copy"].values())
     assert all(v < 0.05 for v in chance["edit"].values())
+    draws = chance["draws"]  # what each rate rests on, keyed by table row
+    assert draws["geneval/colors"] == 600 and draws["caption"] == 600
+    assert sum(draws[f"edit/{op}"] for op in EDIT_OPS) == 600
+    assert draws["vqa/count"] > 100
 
 
 def test_edits_score_on_the_target_only() -> None:
@@ -89,6 +96,44 @@ def test_evaluate_builds_a_table_with_overall_and_chance() -> None:
     assert table.beats_chance(margin=0.3) == {"a": False, "b": False}
     assert "| **overall** | 3 | 0.750 |" in table.to_markdown()
     assert table.as_dict()["overall"] == pytest.approx(0.75)
+    # one of two right at chance 0.25: P(X >= 1) = 1 - 0.75^2; one of one at 0.9: 0.9
+    assert [r.p_value for r in table.rows] == pytest.approx([1 - 0.75**2, 0.9])
+    assert table.above_chance() == {"a": False, "b": False}  # two items prove nothing
+    assert "| a | 2 | 0.500 | 0.250 | 0.438 |" in table.to_markdown()
+
+
+def test_binomial_tail_matches_enumerating_every_outcome() -> None:
+    n, chance = 10, 0.3
+    outcomes = itertools.product((0, 1), repeat=n)
+    mass = Counter()
+    for o in outcomes:
+        k = sum(o)
+        mass[k] += chance**k * (1 - chance) ** (n - k)
+    for correct in range(n + 1):
+        want = sum(m for k, m in mass.items() if k >= correct)
+        assert binomial_tail(correct, n, chance) == pytest.approx(want, rel=1e-9)
+    assert binomial_tail(0, n, chance) == pytest.approx(1.0)
+    assert binomial_tail(3, 5, 0.0) == 0.0 and binomial_tail(0, 5, 0.0) == 1.0
+    # the recipe's rows: 48 items, 0.23 vs 0.22 is noise, 0.65 vs 0.52 is not by much
+    assert binomial_tail(11, 48, 0.223) > 0.4
+    assert binomial_tail(31, 48, 0.517) < 0.06
+    table = evaluate([("x", True)] * 20 + [("x", False)] * 28, {"x": 0.2})
+    assert table.above_chance() == {"x": True}  # 20 of 48 at chance 0.2: p ~ 5e-4
+    with pytest.raises(ValueError, match="correct"):
+        binomial_tail(6, 5, 0.5)
+
+
+def test_a_chance_measured_as_zero_is_tested_at_its_upper_bound() -> None:
+    """No random scene of 75 matched the edit: one hit in 48 is not yet learning."""
+    results = [("edit/move", True)] + [("edit/move", False)] * 47 + \
+        [("edit/recolour", True)] * 9 + [("edit/recolour", False)] * 39
+    table = evaluate(results, {"edit/move": 0.0, "edit/recolour": 0.0}, None,
+                     {"edit/move": 75, "edit/recolour": 75})
+    assert chance_for_test(0.0, 75) == pytest.approx(0.04)
+    assert chance_for_test(0.2, 75) == 0.2  # a measured rate is used as it is
+    assert table.above_chance() == {"edit/move": False, "edit/recolour": True}
+    unknown = evaluate(results, {"edit/move": 0.0, "edit/recolour": 0.0})
+    assert unknown.above_chance() == {"edit/move": True, "edit/recolour": True}
 
 
 def test_evaluation_sets_are_deterministic_and_apart_from_training() -> None:
