@@ -31,7 +31,8 @@ class MoTBackbone(nn.Module):
         self.config = config
         assert config.head_dim is not None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta,
+                                      config.spatial_rope_pairs, config.spatial_rope_theta)
         self.layers = nn.ModuleList(MoTDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = nn.ModuleDict({name: RMSNorm(config.hidden_size, config.rms_norm_eps)
                                    for name in config.attention_experts})
@@ -57,9 +58,10 @@ class MoTBackbone(nn.Module):
         """Token ids [L] -> [L, hidden]."""
         return self.embed_tokens(input_ids)
 
-    def rope(self, position_ids: torch.Tensor) -> Rope:
-        """cos/sin [L, head_dim] for the positions; computed once, shared by the layers."""
-        return self.rotary(position_ids)
+    def rope(self, position_ids: torch.Tensor, spatial: torch.Tensor | None = None) -> Rope:
+        """cos/sin [L, head_dim] for the positions (and, with spatial RoPE, each token's
+        (row, col) in its image [L, 2]); computed once, shared by the layers."""
+        return self.rotary(position_ids, spatial)
 
     def final_norm(self, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
         return route(hidden, routing.groups(list(self.norm)), list(self.norm.values()))
@@ -73,16 +75,19 @@ class MoTBackbone(nn.Module):
         """
         if mask is None:
             mask = build_attention_mask(batch, self.config.attention_backend)
+        spatial = batch.spatial_coords() if self.config.spatial_rope_pairs else None
         return self.forward_routed(hidden, batch.position_ids, Routing.from_batch(batch),
-                                   mask)
+                                   mask, spatial)
 
     def forward_routed(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                       routing: Routing, mask: AttentionMask) -> torch.Tensor:
-        """The same without a PackedBatch: positions, routing and mask given directly."""
+                       routing: Routing, mask: AttentionMask,
+                       spatial: torch.Tensor | None = None) -> torch.Tensor:
+        """The same without a PackedBatch: positions (and spatial coordinates), routing
+        and mask given directly."""
         if hidden.ndim != 2 or hidden.shape[0] != routing.length:
             raise ValueError(f"hidden {tuple(hidden.shape)} does not match routing over "
                              f"{routing.length} tokens")
-        rope = self.rope(position_ids)
+        rope = self.rope(position_ids, spatial)
         for layer in self.layers:
             hidden = layer(hidden, rope, routing, mask)
         return self.final_norm(hidden, routing)

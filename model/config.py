@@ -48,6 +48,15 @@ class MoTConfig(BaseModel):
     attention_backend: AttentionBackendName = Field(
         "flex", description="flex: FlexAttention BlockMask (training); docs: SDPA per "
         "group of whole documents (CPU training); dense: the [L, L] reference mask (tests).")
+    spatial_rope_pairs: int = Field(0, ge=0, description="Rotary pairs per image axis that "
+                                    "rotate by a token's row / column in its image instead "
+                                    "of its sequence position (text: 0). 0: BAGEL's RoPE, "
+                                    "one position per image; the rest of the head_dim/2 "
+                                    "pairs keep the sequence position (the lowest "
+                                    "frequencies are the ones given to the image axes, "
+                                    "which a loaded LLM checkpoint then relearns).")
+    spatial_rope_theta: float = Field(100.0, gt=1, description="Base of the image-axis "
+                                      "frequencies; an image spans 8 units along each axis.")
     initializer_range: float = Field(0.02, gt=0, description="Std of the normal init of "
                                      "linear and embedding weights (random init only).")
 
@@ -65,6 +74,10 @@ class MoTConfig(BaseModel):
                             f"num_kv_heads {self.num_kv_heads}")
         if self.head_dim is not None and self.head_dim % 2:
             problems.append(f"head_dim {self.head_dim} must be even for RoPE")
+        elif self.head_dim is not None and 2 * self.spatial_rope_pairs >= self.head_dim // 2:
+            problems.append(f"spatial_rope_pairs {self.spatial_rope_pairs} per image axis "
+                            f"leave none of head_dim / 2 = {self.head_dim // 2} rotary pairs "
+                            "for the sequence position")
         if problems:
             raise ValueError("invalid MoTConfig: " + "; ".join(problems))
         return self

@@ -67,7 +67,8 @@ class _Item:
     """Tokens to append to one context: input embeddings and layout."""
 
     hidden: torch.Tensor  # [n, hidden]
-    image_parts: tuple[tuple[TokenKind, int], ...] | None = None  # None: one text run
+    # (kind, token grid) per part of an image; None: one text run
+    image_parts: tuple[tuple[TokenKind, tuple[int, int]], ...] | None = None
 
 
 @dataclass
@@ -184,12 +185,13 @@ class Interleaver:
         generated (how the trainer lays out VQA and caption images, `plans.understood`).
         images: [3, H, W] in [-1, 1]. Needs a model with vision."""
         self._check_batch(images)
-        vit = self._vit_hidden(images)
+        vit, grids = self._vit_hidden(images)
         if vit is None:
             raise ValueError("append_vit_image needs a model with a vision encoder "
                              "(model.unified.vit_path)")
         dtype = self.model.dtype
-        return self._append([_Item(v.to(dtype), ((TokenKind.VIT, len(v)),)) for v in vit],
+        return self._append([_Item(v.to(dtype), ((TokenKind.VIT, g),))
+                             for v, g in zip(vit, grids, strict=True)],
                             "image" if condition else None)
 
     # ---- text out ------------------------------------------------------------------------
@@ -319,7 +321,7 @@ class Interleaver:
             one_image = torch.zeros(len(x_t[i]), dtype=torch.long, device=self.device)
             hidden = model.embed_latents(x_t[i], [grid], t_now, one_image)
             for cache in ctx.distinct(names):
-                chunk = cache.image_chunk([(TokenKind.VAE_NOISED, len(x_t[i]))])
+                chunk = cache.image_chunk([(TokenKind.VAE_NOISED, grid)])
                 jobs.append(Job(cache, chunk, hidden))
                 owners.append((i, id(cache)))
         outs = cached_forward(model.backbone, jobs, store=False)
@@ -397,7 +399,7 @@ class Interleaver:
         if latents is None:
             latents = self.codec.encode(images)
         dtype = model.dtype
-        vit = self._vit_hidden(images)
+        vit, vit_grids = self._vit_hidden(images)
         clean = torch.zeros(1, device=self.device)  # a condition image is clean: t = 0
         items = []
         for i, latent in enumerate(latents):
@@ -405,18 +407,21 @@ class Interleaver:
             grid = (latent.shape[1] // self.codec.patch, latent.shape[2] // self.codec.patch)
             one_image = torch.zeros(len(tokens), dtype=torch.long, device=self.device)
             hidden = model.embed_latents(tokens, [grid], clean, one_image)
-            parts: tuple[tuple[TokenKind, int], ...] = ((TokenKind.VAE_CLEAN, len(tokens)),)
+            parts: tuple[tuple[TokenKind, tuple[int, int]], ...] = \
+                ((TokenKind.VAE_CLEAN, grid),)
             if vit is not None:  # clean latents, then ViT: the order the trainer's plans use
                 hidden = torch.cat([hidden, vit[i].to(dtype)])
-                parts = (*parts, (TokenKind.VIT, len(vit[i])))
+                parts = (*parts, (TokenKind.VIT, vit_grids[i]))
             items.append(_Item(hidden, parts))
         return self._append(items, "image" if condition else None)
 
-    def _vit_hidden(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
-        """ViT tokens after the connector [n_vit_i, hidden] per image; None without vision."""
+    def _vit_hidden(self, images: Sequence[torch.Tensor]
+                    ) -> tuple[list[torch.Tensor] | None, list[tuple[int, int]]]:
+        """ViT tokens after the connector [n_vit_i, hidden] per image and their patch
+        grids; (None, []) without vision."""
         model = self.model
         if model.vision is None or model.connector is None:
-            return None
+            return None, []
         patches, grids = [], []
         for image in images:
             pixels = ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
@@ -425,7 +430,7 @@ class Interleaver:
             patches.append(p)
             grids.append(grid)
         out = model.embed_vit(torch.cat(patches), grids)
-        return list(out.split([r * c for r, c in grids]))
+        return list(out.split([r * c for r, c in grids])), grids
 
     def _ids(self, text: str | Sequence[int]) -> list[int]:
         if isinstance(text, str):

@@ -37,17 +37,19 @@ from weft.model.attention_backends import AttentionMask, attend
 from weft.model.backbone import MoTBackbone
 from weft.model.experts import Routing
 from weft.model.masks import allowed
-from weft.model.packed import TokenKind
+from weft.model.packed import TokenKind, image_token_coords
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """New tokens for one cache, all shape [m]: kind, RoPE position, split id, full flag."""
+    """New tokens for one cache, all shape [m]: kind, RoPE position, split id, full flag;
+    spatial [m, 2]: each image token's (row, col) in its image for spatial RoPE (text: 0)."""
 
     kind: torch.Tensor
     positions: torch.Tensor
     split_ids: torch.Tensor
     full: torch.Tensor
+    spatial: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.kind.shape[0])
@@ -89,20 +91,24 @@ class KVCache:
             raise ValueError("a text chunk needs at least one token")
         positions = torch.arange(self.next_position, self.next_position + n)
         return Chunk(torch.full((n,), int(TokenKind.TEXT)), positions,
-                     torch.full((n,), self.next_split), torch.zeros(n, dtype=torch.bool))
+                     torch.full((n,), self.next_split), torch.zeros(n, dtype=torch.bool),
+                     torch.zeros(n, 2))
 
-    def image_chunk(self, parts: Sequence[tuple[TokenKind, int]]) -> Chunk:
-        """One image as consecutive full-attention splits (e.g. ViT then clean latents),
-        every token at the same RoPE position: the next one."""
-        kinds, splits = [], []
-        for offset, (kind, n) in enumerate(parts):
-            if n < 1:
-                raise ValueError(f"an image part of {n} tokens")
-            kinds += [int(kind)] * n
-            splits += [self.next_split + offset] * n
+    def image_chunk(self, parts: Sequence[tuple[TokenKind, tuple[int, int]]]) -> Chunk:
+        """One image as consecutive full-attention splits (e.g. clean latents then ViT),
+        each part a (kind, token grid), every token at the same RoPE position: the next
+        one (and at its place in the grid for spatial RoPE)."""
+        kinds, splits, grids = [], [], []
+        for offset, (kind, (rows, cols)) in enumerate(parts):
+            if rows < 1 or cols < 1:
+                raise ValueError(f"an image part of {rows}x{cols} tokens")
+            kinds += [int(kind)] * (rows * cols)
+            splits += [self.next_split + offset] * (rows * cols)
+            grids.append((rows, cols))
         m = len(kinds)
         return Chunk(torch.tensor(kinds), torch.full((m,), self.next_position),
-                     torch.tensor(splits), torch.ones(m, dtype=torch.bool))
+                     torch.tensor(splits), torch.ones(m, dtype=torch.bool),
+                     image_token_coords(grids))
 
     # ---- attention --------------------------------------------------------------------
     def mask(self, chunk: Chunk) -> torch.Tensor:
@@ -167,7 +173,9 @@ def cached_forward(backbone: MoTBackbone, jobs: Sequence[Job], store: bool
     x = torch.cat([job.hidden for job in jobs])
     kind = torch.cat([job.chunk.kind for job in jobs]).to(device)
     routing = Routing.from_kind(kind)
-    rope = backbone.rope(torch.cat([job.chunk.positions for job in jobs]).to(device))
+    spatial = torch.cat([job.chunk.spatial for job in jobs]).to(device) \
+        if backbone.config.spatial_rope_pairs else None
+    rope = backbone.rope(torch.cat([job.chunk.positions for job in jobs]).to(device), spatial)
     masks = [AttentionMask("dense", len(job.cache) + len(job.chunk),
                            dense=job.cache.mask(job.chunk).to(device)) for job in jobs]
     new_keys: list[list[torch.Tensor]] = [[] for _ in jobs]

@@ -45,16 +45,39 @@ class SwiGLU(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables [L, head_dim] for given positions (Qwen2's default RoPE)."""
+    """cos/sin tables [L, head_dim] for given positions (Qwen2's default RoPE).
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    With `spatial_pairs` > 0 the last 2 * spatial_pairs of the head_dim / 2 frequency
+    pairs rotate by a token's (row, column) in its image (FLUX-style axes; 0 for text)
+    instead of its sequence position, so attention can match image tokens by where they
+    are, e.g. an edit's target token with the source token at the same place.
+    """
+
+    def __init__(self, head_dim: int, theta: float, spatial_pairs: int = 0,
+                 spatial_theta: float = 100.0) -> None:
         super().__init__()
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        half = head_dim // 2
+        if 2 * spatial_pairs >= half:
+            raise ValueError(f"2 x spatial_rope_pairs ({spatial_pairs}) must leave pairs for "
+                             f"the sequence position (head_dim / 2 = {half})")
+        self.spatial_pairs = spatial_pairs
+        seq_pairs = half - 2 * spatial_pairs
+        exponents = torch.arange(0, seq_pairs, dtype=torch.float32) * 2 / head_dim
         # Non-persistent: a pure function of (head_dim, theta), kept out of checkpoints.
         self.register_buffer("inv_freq", 1.0 / theta**exponents, persistent=False)
+        axis = torch.arange(spatial_pairs, dtype=torch.float32) / max(spatial_pairs, 1)
+        self.register_buffer("spatial_freq", 1.0 / spatial_theta**axis, persistent=False)
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, position_ids: torch.Tensor, spatial: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [L]; spatial [L, 2] (row, col; needed with spatial pairs)."""
         freqs = position_ids.float()[:, None] * self.inv_freq.float()[None, :]
+        if self.spatial_pairs:
+            if spatial is None:
+                raise ValueError("spatial RoPE needs each token's (row, col)")
+            f = self.spatial_freq.float()[None, :]
+            freqs = torch.cat([freqs, spatial[:, :1].float() * f, spatial[:, 1:].float() * f],
+                              dim=-1)
         angles = torch.cat([freqs, freqs], dim=-1)
         return angles.cos(), angles.sin()
 

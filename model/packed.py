@@ -14,10 +14,16 @@ everything else (text, special markers, ViT tokens, padding) to the understandin
 
 `PackBuilder` appends documents item by item and computes positions, splits and
 indices; `PackedBatch.validate()` checks every invariant the model relies on.
+
+Every token of an image shares one RoPE position (BAGEL). A model with spatial RoPE
+(`MoTConfig.spatial_rope_pairs`) also rotates some pairs by each image token's place in
+its image; `PackedBatch.spatial_coords()` derives those from the grids, so nothing else
+in the pack changes.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
 
@@ -36,6 +42,25 @@ class TokenKind(IntEnum):
 
 class PackError(ValueError):
     """A packed batch that breaks the contract between loader and model."""
+
+
+IMAGE_AXIS_UNITS = 8.0  # an image spans this many units along each axis in spatial RoPE
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_coords(rows: int, cols: int) -> torch.Tensor:
+    r = (torch.arange(rows, dtype=torch.float32) + 0.5) / rows * IMAGE_AXIS_UNITS
+    c = (torch.arange(cols, dtype=torch.float32) + 0.5) / cols * IMAGE_AXIS_UNITS
+    return torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def image_token_coords(grids: torch.Tensor | list[tuple[int, int]]) -> torch.Tensor:
+    """[sum(rows * cols), 2] row-major (row, col) of each token of each grid, as the
+    token centre's fraction of its image times IMAGE_AXIS_UNITS: a ViT patch and a VAE
+    latent over the same pixels get the same coordinates whatever their grids."""
+    parts = [_grid_coords(rows, cols) for rows, cols
+             in torch.as_tensor(grids, dtype=torch.long).reshape(-1, 2).tolist()]
+    return torch.cat(parts) if parts else torch.zeros(0, 2)
 
 
 @dataclass
@@ -87,6 +112,15 @@ class PackedBatch:
         """Positions routed to the understanding expert: all the rest."""
         return torch.nonzero((self.kind != TokenKind.VAE_CLEAN) &
                              (self.kind != TokenKind.VAE_NOISED)).flatten()
+
+    def spatial_coords(self) -> torch.Tensor:
+        """[length, 2] (row, col) of every image token in its image (text, padding: 0),
+        the image axes of spatial RoPE (`image_token_coords`)."""
+        out = torch.zeros(self.length, 2, device=self.kind.device)
+        for index, grids in ((self.vit_index, self.vit_grids), (self.vae_index, self.vae_grids)):
+            if len(index):
+                out[index] = image_token_coords(grids).to(out.device)
+        return out
 
     def token_counts(self) -> dict[str, int]:
         """Tokens per kind (what a pack logs)."""

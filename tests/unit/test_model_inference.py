@@ -33,12 +33,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[MoTModel, LatentCodec]:
+@pytest.fixture(scope="module", params=[0, 2], ids=["rope", "spatial-rope"])
+def tiny(request, tmp_path_factory) -> tuple[MoTModel, LatentCodec]:
+    """Every cached-inference check runs with BAGEL's RoPE (one position an image) and
+    with spatial RoPE (2 of the 8 pairs per image axis), where a cached image token
+    must get the same (row, col) as the packed forward gives it."""
     root: Path = tmp_path_factory.mktemp("tiny-parts")
     vit, vae = make_tiny_siglip2(root / "siglip2"), make_tiny_vae(root / "vae")
     llm = MoTConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
-                    num_heads=4, num_kv_heads=2, attention_backend="dense")
+                    num_heads=4, num_kv_heads=2, attention_backend="dense",
+                    spatial_rope_pairs=request.param)
     config = UnifiedConfig(llm=llm, vit_path=str(vit), vit_max_grid=16, latent_max_grid=16)
     torch.manual_seed(0)
     model = MoTModel.build(config).eval()
@@ -157,7 +161,7 @@ def test_sampled_decoding_is_seeded_and_cold_sampling_is_greedy(tiny) -> None:
 
 def test_noised_latents_are_never_cached() -> None:
     cache = KVCache(num_layers=1)
-    chunk = cache.image_chunk([(TokenKind.VAE_NOISED, 2)])
+    chunk = cache.image_chunk([(TokenKind.VAE_NOISED, (1, 2))])
     with pytest.raises(ValueError, match="noised"):
         cache.commit(chunk, [torch.zeros(1, 1, 2, 4)], [torch.zeros(1, 1, 2, 4)])
 
