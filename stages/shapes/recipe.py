@@ -287,17 +287,31 @@ def prepare(recipe: ShapesRecipe, out: str | Path,
     return recipe.train_config(paths), seconds
 
 
+# training settings that change how a run goes, not the weights it trains
+HOW_NOT_WHAT: dict[str, tuple[str, ...]] = {
+    "metrics": ("every_steps", "tensorboard", "peak_tflops"),
+    "checkpoint": ("every_steps", "keep_last", "export_safetensors"),
+    "data": ("num_workers", "latent_cache_mb"),
+    "parallel": ("compile", "activation_checkpointing", "reshard_after_forward"),
+}
+
+
 def train_dir(out: str | Path, recipe: ShapesRecipe, *built: Path) -> Path:
     """OUT/train-<hash>: named by the resolved training settings and the directories it
     reads (data, VAE, ViT, tokenizer, each already named by its own settings).
 
     The same recipe finds its run again and resumes it (an interrupted run goes on);
     another seed, lr or step count trains afresh beside it instead of resuming a run
-    trained otherwise. Paths enter by name only, so `--out runs/x` and `--out ./runs/x`
-    agree.
+    trained otherwise. Settings of how a run goes rather than what it trains
+    (`HOW_NOT_WHAT`: logging, checkpoint cadence, loader workers, caches, compile) stay
+    out of the name, so changing them resumes the same run. Paths enter by name only, so
+    `--out runs/x` and `--out ./runs/x` agree.
     """
     settings = recipe.train_config().model_dump(mode="json")
     settings.pop("run_dir", None)
+    for section, keys in HOW_NOT_WHAT.items():
+        for name in keys:
+            settings[section].pop(name, None)
     key = hash_of("shapes-train", settings, [Path(p).name for p in built], length=12)
     return Path(out) / f"train-{key}"
 

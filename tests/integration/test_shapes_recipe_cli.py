@@ -89,10 +89,11 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
     assert "resumed from" not in second.output
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*built, other.name])
     assert [p.name for p in (other / "checkpoints").iterdir()] == ["step-000002"]
-    # the first recipe again: its own finished run is found, nothing retrains
+    # the first recipe again, logging and checkpointing otherwise (how it runs, not what
+    # it trains): its own finished run is found, nothing retrains
     checkpoint = run / "checkpoints" / "step-000002"
     stamp = checkpoint.stat().st_mtime_ns
-    third = _run(tmp_path)
+    third = _run(tmp_path, "train.metrics.every_steps=1", "train.checkpoint.keep_last=5")
     assert third.exit_code == 0, third.output
     assert f"resumed from {checkpoint}" in " ".join(third.output.split())
     assert checkpoint.stat().st_mtime_ns == stamp
