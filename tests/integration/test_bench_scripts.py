@@ -1,0 +1,52 @@
+"""The benchmark scripts run at small sizes and print their ratio against the reference
+measured in the same run: a benchmark nobody can run is no measurement."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_attention_bench_compares_flex_and_docs_with_dense() -> None:
+    out = _run("attention.py", "--tokens", "512", "--repeat", "1", "--backward",
+               "--device", "cpu")
+    row = next(line for line in out.splitlines() if line.strip().startswith("512 "))
+    ratios = [float(x) for x in re.findall(r"([\d.]+)x", row)]
+    assert len(ratios) >= 3 and all(r > 0 for r in ratios), row
+    max_diff = float(row.split()[-1])
+    assert max_diff < 1e-3, row  # every backend computed the same attention
+
+
+def test_train_bench_reports_mot_against_dense() -> None:
+    out = _run("train.py", "--tokens", "512", "--steps", "2", "--warmup", "1", "--layers",
+               "1", "--device", "cpu")
+    assert re.search(r"mot:\s+[\d,]+ tokens/s", out), out
+    assert re.search(r"mot/dense tokens/s: [\d.]+x", out), out
+
+
+def test_shards_bench_reads_and_writes_against_tarfile() -> None:
+    out = _run("shards.py", "--samples", "300", "--sizes", "64", "--repeat", "1")
+    rows = {line[:32].strip(): float(line.split()[-1]) for line in out.splitlines()
+            if line.startswith(("write", "read"))}
+    assert rows["write  tarfile (reference)"] == 1.0 and rows["read   tarfile (reference)"] == 1.0
+    assert rows["read   weft ShardDataset"] > 0 and rows["write  weft write_shards"] > 0
+
+
+def test_web_bench_reports_ratios_against_its_references() -> None:
+    out = _run("web.py", "--docs", "200")
+    assert len(re.findall(r"ratio [\d.]+", out)) >= 3, out
