@@ -151,8 +151,11 @@ def binomial_tail(correct: int, n: int, chance: float) -> float:
         return 0.0 if correct > 0 else 1.0
     if chance >= 1:
         return 1.0
-    return min(1.0, math.fsum(math.comb(n, k) * chance**k * (1 - chance) ** (n - k)
-                              for k in range(correct, n + 1)))
+    # in log space: comb(n, k) overflows a float from n ~ 1030
+    log_p, log_q, log_n = math.log(chance), math.log1p(-chance), math.lgamma(n + 1)
+    return min(1.0, math.fsum(
+        math.exp(log_n - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_p
+                 + (n - k) * log_q) for k in range(correct, n + 1)))
 
 
 @dataclass
