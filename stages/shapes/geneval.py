@@ -10,7 +10,8 @@ relation they state holds).
 
 `evaluate` turns (category, pass) pairs into a table of per-category accuracy, the
 overall score (the mean over categories, as GenEval reports it) and each category's
-chance level, so a test or a report can say "beats chance". `chance_levels` measures
+chance level with the binomial p of beating it (`binomial_tail`), so a test or a report
+can say "above chance" and mean it. `chance_levels` measures
 chance: random scenes scored against the prompts, random answers from each question
 type's answer space, captions of random scenes, and edits answered by a random scene
 or by the unchanged source. Held-out evaluation sets (`eval_*`) draw from a seed
@@ -134,8 +135,8 @@ def detector_accuracy(cfg: SceneConfig, n: int = 500, blur: float = 0.0, noise: 
 # ---- the table --------------------------------------------------------------------------------
 def chance_for_test(chance: float, draws: int | None) -> float:
     """The chance rate a significance test uses: the measured rate, except that a rate
-    measured as 0 becomes the rule of three's 95% upper bound, 3 / draws (none of 75
-    random scenes was the edit does not make one hit in 48 a discovery)."""
+    measured as 0 becomes the rule of three's 95% upper bound, 3 / draws (that none of 75
+    random scenes matched an edit does not make one hit in 48 a discovery)."""
     return 3.0 / draws if chance == 0 and draws else chance
 
 
