@@ -29,6 +29,8 @@ from enum import IntEnum
 
 import torch
 
+from weft.model.positions import grid_list
+
 IGNORE_INDEX = -100
 
 
@@ -58,8 +60,7 @@ def image_token_coords(grids: torch.Tensor | list[tuple[int, int]]) -> torch.Ten
     """[sum(rows * cols), 2] row-major (row, col) of each token of each grid, as the
     token centre's fraction of its image times IMAGE_AXIS_UNITS: a ViT patch and a VAE
     latent over the same pixels get the same coordinates whatever their grids."""
-    parts = [_grid_coords(rows, cols) for rows, cols
-             in torch.as_tensor(grids, dtype=torch.long).reshape(-1, 2).tolist()]
+    parts = [_grid_coords(rows, cols) for rows, cols in grid_list(grids)]
     return torch.cat(parts) if parts else torch.zeros(0, 2)
 
 
