@@ -13,20 +13,27 @@ render of a scene that satisfies it, so the right image is known:
     sensitivity  the velocity MSE against ε − x0 at t, under the item's own prompt and
                  under another item's (the list rotated by one, mostly a prompt of the
                  same category). No gap: the image ignores the text, whatever the loss.
+    objects      what the images generated from noise (t0 = 1) hold, per category: how
+                 many objects, how often each object the prompt names is there by shape
+                 and by shape and colour, how often all are; and which shape a
+                 one-object prompt got (`ObjectBreakdown`). A two-object prompt fails
+                 when either object does: this says whether the count, the shapes or
+                 the colours are what is missing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from weft.stages.shapes.geneval import eval_prompts, eval_rng, geneval_image
+from weft.stages.shapes.detect import detect
+from weft.stages.shapes.geneval import eval_prompts, eval_rng, score_prompt
 from weft.stages.shapes.render import render
-from weft.stages.shapes.scene import SceneConfig
+from weft.stages.shapes.scene import Obj, SceneConfig
 from weft.stages.shapes.text import CATEGORIES, PromptSpec, prompt_scene
 from weft.train.sample import Loaded
 
@@ -34,13 +41,73 @@ COMPLETION_T0 = (0.3, 0.5, 0.7, 0.85, 1.0)
 SENSITIVITY_T = (0.3, 0.6, 0.9)
 
 
+OBJECT_COLUMNS = ("objects", "each_shape", "each_object", "all_objects", "pass")
+
+
+@dataclass
+class ObjectBreakdown:
+    """What generated images hold against their prompts.
+
+    rows[category]: `images`, mean detected `objects` an image, the share of named
+    objects present by shape (`each_shape`) and by shape and colour (`each_object`;
+    the colour only where the prompt names one), the share of images with every named
+    object (`all_objects`: counts and relation aside) and GenEval's verdict (`pass`).
+    shapes[asked][drawn]: one-object prompts (single object, colours) whose image holds
+    exactly one object, by the shape asked and the shape the detector read.
+    """
+
+    rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    shapes: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_markdown(self) -> str:
+        lines = ["| category | images | " + " | ".join(OBJECT_COLUMNS) + " |",
+                 "|---|---:|" + "---:|" * len(OBJECT_COLUMNS)]
+        for category, row in self.rows.items():
+            cells = " | ".join(f"{row[c]:.2f}" for c in OBJECT_COLUMNS)
+            lines.append(f"| {category} | {row['images']:.0f} | {cells} |")
+        if self.shapes:
+            drawn = sorted({d for row in self.shapes.values() for d in row})
+            lines += ["", "one-object prompts with one object drawn, shape asked (rows) "
+                      "vs read (columns):", "", "| asked | " + " | ".join(drawn) + " |",
+                      "|---|" + "---:|" * len(drawn)]
+            for asked, row in sorted(self.shapes.items()):
+                lines.append(f"| {asked} | " + " | ".join(str(row.get(d, 0)) for d in drawn)
+                             + " |")
+        return "\n".join(lines)
+
+
+def object_breakdown(items: Sequence[tuple[PromptSpec, Sequence[Obj]]]) -> ObjectBreakdown:
+    """Tally (prompt, detected objects) pairs into an `ObjectBreakdown`."""
+    tallies: dict[str, dict[str, list[float]]] = {}
+    shapes: dict[str, dict[str, int]] = {}
+    for spec, objs in items:
+        shape_hits = [any(o.shape == r.shape for o in objs) for r in spec.objects]
+        object_hits = [any(o.shape == r.shape and r.colour in (None, o.colour) for o in objs)
+                       for r in spec.objects]
+        row = tallies.setdefault(spec.category, {c: [] for c in OBJECT_COLUMNS})
+        row["objects"].append(len(objs))
+        row["each_shape"] += shape_hits
+        row["each_object"] += object_hits
+        row["all_objects"].append(all(object_hits))
+        row["pass"].append(score_prompt(spec, objs))
+        if len(spec.objects) == 1 and spec.objects[0].count == 1 and len(objs) == 1:
+            asked = shapes.setdefault(spec.objects[0].shape, {})
+            asked[objs[0].shape] = asked.get(objs[0].shape, 0) + 1
+    rows = {c: {"images": float(len(t["pass"])),
+                **{k: float(np.mean(v)) for k, v in t.items()}}
+            for c in CATEGORIES if (t := tallies.get(c))}
+    return ObjectBreakdown(rows, shapes)
+
+
 @dataclass
 class Diagnosis:
-    """completion[t0][category] accuracy; sensitivity[t] = (own prompt, other prompt) MSE."""
+    """completion[t0][category] accuracy; sensitivity[t] = (own prompt, other prompt) MSE;
+    objects: what the images generated from noise hold (empty without t0 = 1)."""
 
     n: int
     completion: dict[float, dict[str, float]] = field(default_factory=dict)
     sensitivity: dict[float, tuple[float, float]] = field(default_factory=dict)
+    objects: ObjectBreakdown = field(default_factory=ObjectBreakdown)
 
     def completion_mean(self, t0: float) -> float:
         values = list(self.completion[t0].values())
@@ -50,7 +117,8 @@ class Diagnosis:
         return {"n": self.n,
                 "completion": {str(t): row for t, row in self.completion.items()},
                 "sensitivity": {str(t): {"own_prompt": own, "other_prompt": other}
-                                for t, (own, other) in self.sensitivity.items()}}
+                                for t, (own, other) in self.sensitivity.items()},
+                "objects": asdict(self.objects)}
 
     def to_markdown(self) -> str:
         categories = list(next(iter(self.completion.values()), {}))
@@ -64,6 +132,9 @@ class Diagnosis:
                   "| t | own prompt | other prompt | gap |", "|---:|---:|---:|---:|"]
         for t, (own, other) in self.sensitivity.items():
             lines.append(f"| {t:.2f} | {own:.4f} | {other:.4f} | {other - own:+.4f} |")
+        if self.objects.rows:
+            lines += ["", "what the images generated from noise hold (unguided):", "",
+                      self.objects.to_markdown()]
         return "\n".join(lines)
 
 
@@ -102,6 +173,7 @@ def diagnose(run: Loaded, cfg: SceneConfig, per_category: int = 16, steps: int =
              for i, z in enumerate(latents)]
     size = cfg.image_size
     correct: dict[float, list[bool]] = {t0: [] for t0 in completion_t0}
+    from_noise: list[tuple[PromptSpec, list[Obj]]] = []
     errors: dict[float, tuple[list[float], list[float]]] = {t: ([], []) for t in sensitivity_t}
     for lo in range(0, len(items), batch_size):
         chunk = range(lo, min(len(items), lo + batch_size))
@@ -111,9 +183,11 @@ def diagnose(run: Loaded, cfg: SceneConfig, per_category: int = 16, steps: int =
             x_t = [noise_latents(latents[i], t0, noise[i])[0] for i in chunk]
             out = own.generate_latents(size, size, steps, shift, 1.0, 1.0, start=x_t,
                                        start_t=t0)
-            images = run.codec.decode(out)
-            correct[t0] += [geneval_image(items[i][0], _uint8(im))
-                            for i, im in zip(chunk, images, strict=True)]
+            found = [(items[i][0], detect(_uint8(im)))
+                     for i, im in zip(chunk, run.codec.decode(out), strict=True)]
+            correct[t0] += [score_prompt(spec, objs) for spec, objs in found]
+            if t0 >= 1.0:
+                from_noise += found
         for t in sensitivity_t:
             x_t, target = zip(*(noise_latents(latents[i], t, noise[i]) for i in chunk),
                               strict=True)
@@ -127,7 +201,8 @@ def diagnose(run: Loaded, cfg: SceneConfig, per_category: int = 16, steps: int =
                                           if k == c])) for c in present}
                   for t0, oks in correct.items()}
     sensitivity = {t: (float(np.mean(a)), float(np.mean(b))) for t, (a, b) in errors.items()}
-    return Diagnosis(len(items), completion, sensitivity)
+    return Diagnosis(len(items), completion, sensitivity, object_breakdown(from_noise))
 
 
-__all__ = ["COMPLETION_T0", "SENSITIVITY_T", "Diagnosis", "diagnose", "diagnosis_items"]
+__all__ = ["COMPLETION_T0", "SENSITIVITY_T", "Diagnosis", "ObjectBreakdown", "diagnose",
+           "diagnosis_items", "object_breakdown"]

@@ -76,6 +76,10 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
     assert set(diagnosis["completion"]) == {"0.3", "0.5", "0.7", "0.85", "1.0"}
     assert all(len(row) == 6 for row in diagnosis["completion"].values())
     assert set(diagnosis["sensitivity"]) == {"0.3", "0.6", "0.9"}
+    # ... and what the images from noise hold: one row a category, one image each
+    rows = diagnosis["objects"]["rows"]
+    assert len(rows) == 6 and all(row["images"] == 1 for row in rows.values())
+    assert "what the images generated from noise hold" in evaluated.output
     built = sorted(p.name for p in tmp_path.iterdir())
 
     # another seed: data, VAE and ViT are reused; training starts afresh beside the first
