@@ -125,9 +125,18 @@ class MoTModel(nn.Module):
         self.time_embed = TimestepEmbedder(hidden)
 
     @classmethod
-    def build(cls, config: UnifiedConfig, llm_checkpoint: str | Path | None = None
-              ) -> MoTModel:
-        """Random init, then the ViT from `vit_path` and the LLM from a Qwen2 checkpoint."""
+    def build(cls, config: UnifiedConfig, llm_checkpoint: str | Path | None = None,
+              on_meta: bool = False) -> MoTModel:
+        """Random init, then the ViT from `vit_path` and the LLM from a Qwen2 checkpoint.
+
+        on_meta: the structure only, every tensor on the meta device (nothing read but
+        the ViT's config.json): what FSDP ranks other than 0 build, so a 7B model is not
+        made and loaded once per rank; rank 0's weights reach them after sharding
+        (`train.parallel.apply_parallelism`)."""
+        if on_meta:
+            with torch.device("meta"):
+                return cls(config, VisionEncoder.from_config(config.vit_path)
+                           if config.vit_path else None)
         vision = VisionEncoder.from_pretrained(config.vit_path) if config.vit_path else None
         model = cls(config, vision)
         if llm_checkpoint is not None:

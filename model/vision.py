@@ -148,6 +148,23 @@ class VisionEncoder(nn.Module):
                              f"{[k[0] for k in info['mismatched_keys']][:5]}")
         return cls(model)
 
+    @classmethod
+    def from_config(cls, path: str | Path, attn_implementation: str = "sdpa"
+                    ) -> VisionEncoder:
+        """The same tower as `from_pretrained(path)`, from its config.json only: random
+        init, no weights read (under `torch.device("meta")`: no memory either)."""
+        from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no SigLIP2 checkpoint at {path} (config.json missing); "
+                                    "point the model config at a local SigLIP2 directory")
+        with quiet_transformers():
+            config = Siglip2VisionConfig.from_pretrained(path, local_files_only=True)
+        config.vision_use_head = False
+        return cls(Siglip2VisionModel._from_config(config,
+                                                   attn_implementation=attn_implementation))
+
     @property
     def patch_size(self) -> int:
         return int(self.model.config.patch_size)

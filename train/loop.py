@@ -273,7 +273,12 @@ class Trainer:
         self._check_run_dir()
 
         torch.manual_seed(config.seed)
-        model = MoTModel.build(config.model.unified, config.model.llm_checkpoint)
+        # FSDP ranks but 0 build no weights: rank 0's arrive after sharding (parallel.py)
+        on_meta = self.plan.fsdp and self.info.world_size > 1 and not self.info.is_main
+        model = MoTModel.build(config.model.unified, config.model.llm_checkpoint,
+                               on_meta=on_meta)
+        if on_meta:
+            log.info("model: built on the meta device; weights from rank 0 after sharding")
         if config.model.freeze_vit and model.vision is not None:
             model.vision.requires_grad_(False)
         self.model = apply_parallelism(model, self.plan, self.info)

@@ -167,7 +167,14 @@ def apply_parallelism(model: nn.Module, plan: ParallelPlan, info: DistInfo) -> n
     Works in place (blocks are replaced inside the ModuleList) and returns the model.
     Parameter names seen by `get_state_dict` stay those of the plain model: DCP strips
     the wrapper prefixes (`_checkpoint_wrapped_module.`, `_orig_mod.`).
+
+    With FSDP over several ranks, rank 0's weights and buffers are what every rank
+    trains from: the other ranks may pass a model built on the meta device
+    (`MoTModel.build(on_meta=True)`), which is allocated here, shard by shard, and
+    filled from rank 0 (`broadcast_from_rank0`).
     """
+    multi_rank = plan.fsdp and info.world_size > 1
+    rank0_state = rank0_full_state(model, info) if multi_rank else {}
     layers = model.backbone.layers
     for i, block in enumerate(layers):
         if plan.activation_checkpointing:
@@ -204,7 +211,46 @@ def apply_parallelism(model: nn.Module, plan: ParallelPlan, info: DistInfo) -> n
     else:  # older torch: ranks must then use the same parameters every step
         log.warning("this torch's FSDP2 lacks set_reduce_scatter_unused_params; ranks that "
                     "skip a part of the model (no ViT tokens, no labels) may hang")
+    if multi_rank:
+        broadcast_from_rank0(model, rank0_state, info)
     return model
+
+
+def rank0_full_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    """Rank 0's full state dict, taken before sharding (others: empty). Rank 0 must hold
+    real weights: it is the one copy every rank receives."""
+    on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    if not info.is_main:
+        return {}
+    if on_meta:
+        raise ParallelConfigError("rank 0 built its model on the meta device; rank 0 must "
+                                  "build (and load) the real weights that it broadcasts")
+    return model.state_dict()
+
+
+def broadcast_from_rank0(model: nn.Module, rank0_state: dict[str, torch.Tensor],
+                         info: DistInfo) -> None:
+    """Give every rank rank 0's weights and buffers, after `fully_shard`.
+
+    A rank whose model is on the meta device allocates its shards (`to_empty`) first.
+    Parameters and persistent buffers arrive one tensor at a time through
+    `set_model_state_dict(broadcast_from_rank0=True)`, each rank keeping its shard, so no
+    rank but 0 ever holds the full model; buffers that no state dict carries (RoPE
+    frequencies) are broadcast whole. Ranks whose models were built for real end up
+    with rank 0's values too (the same init whatever their seeds).
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+    )
+
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model.to_empty(device=info.device)
+    set_model_state_dict(model, rank0_state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 @contextlib.contextmanager

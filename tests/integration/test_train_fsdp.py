@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 _TOYS = Path(__file__).resolve().parents[1] / "unit" / "test_train_loop.py"
 
 _RANK_SCRIPT = textwrap.dedent("""
-    import importlib.util, json, os, sys
+    import importlib.util, json, logging, os, sys
     spec = importlib.util.spec_from_file_location("train_toys", sys.argv[1])
     toys = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(toys)
@@ -34,6 +34,7 @@ _RANK_SCRIPT = textwrap.dedent("""
     from weft.train.loop import run_training
 
     setup_logging()
+    logging.getLogger("weft.train").setLevel(logging.INFO)  # every rank says how it built
 
     run_dir, stop_at, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -145,8 +146,12 @@ def test_fsdp2_two_ranks_train_resume_and_match_one_process(tmp_path) -> None:
 
     toys = _toys()
     run_dir = tmp_path / "run"
-    first, _ = _launch(tmp_path, run_dir, stop_at=2, tag="first")
+    first, first_logs = _launch(tmp_path, run_dir, stop_at=2, tag="first")
     assert [r["step"] for r in first] == [2, 2]
+    # rank 1 built no weights: it trained from rank 0's, broadcast after sharding (the
+    # losses below match a one-process reference only if they arrived, buffers included)
+    meta = "built on the meta device"
+    assert meta in first_logs[1] and meta not in first_logs[0]
     ckpt = run_dir / "checkpoints" / "step-000002"
     assert (ckpt / "COMPLETE").is_file()
     assert (ckpt / "rank-00000.pt").is_file() and (ckpt / "rank-00001.pt").is_file()

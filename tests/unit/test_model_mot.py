@@ -132,3 +132,21 @@ def test_generation_expert_can_start_as_a_copy_of_the_understanding_one(mode) ->
         assert matrices, "the model has a generation expert"
         same = [torch.equal(params[n], params[twins[n]]) for n in matrices]
         assert all(same) if init == "copy" else not any(same), (init, matrices)
+
+
+def test_meta_build_is_the_same_structure_with_no_weights(parts) -> None:
+    """What FSDP ranks other than 0 build: every parameter and buffer of the real model
+    (ViT from its config.json only), same names, shapes and dtypes, none allocated."""
+    config = _config(parts)
+    real = MoTModel.build(config)
+    meta = MoTModel.build(config, on_meta=True)
+
+    def layout(model: torch.nn.Module) -> dict[str, tuple]:
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        return {k: (tuple(t.shape), t.dtype, t.requires_grad) for k, t in tensors.items()}
+
+    assert layout(meta) == layout(real)
+    assert any(k.startswith("vision.") for k in layout(real))
+    assert all(t.is_meta for t in (*meta.parameters(), *meta.buffers()))
+    assert not any(t.is_meta for t in (*real.parameters(), *real.buffers()))
+    assert real.state_dict().keys() == meta.state_dict().keys()
