@@ -11,8 +11,9 @@
 # no package index: pydantic (and its parts), diffusers and importlib-metadata travel as
 # wheels and are installed into /tmp/site; the checkout is imported as `weft` through a
 # link. Here, `SKIP_WHEELS=1 ATTN_TOKENS=512 PYTHON=.venv/bin/python bash
-# bench/device_check.sh run` is the dry run: the GPU tests skip, the benches run CPU sizes,
-# the smoke recipe's settings are loaded and checked, and it runs only where CUDA is.
+# bench/device_check.sh run` is the dry run: the GPU tests skip, the benches run CPU sizes
+# (TRAIN_BENCH_ARGS adds bench/train.py arguments), the smoke recipe's settings are loaded
+# and checked, and it runs only where CUDA is (tests/integration/test_bench_scripts.py).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
@@ -64,7 +65,8 @@ print('smoke recipe: steps', r.train_config().steps, '| samples', r.shapes_confi
   step gpu-tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
   # shellcheck disable=SC2086  # ATTN_TOKENS is a list
   step attention 120 "$PY" bench/attention.py --tokens ${ATTN_TOKENS:-8192 16384 32768} --backward
-  step train-bench 120 "$PY" bench/train.py
+  # shellcheck disable=SC2086  # TRAIN_BENCH_ARGS is a list
+  step train-bench 120 "$PY" bench/train.py ${TRAIN_BENCH_ARGS:-}
   if "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     step recipe-smoke 300 "${cli[@]}" shapes recipe configs/shapes-recipe-gpu.yaml \
       --out "$OUT/shapes-gpu-smoke" "${SMOKE[@]}"

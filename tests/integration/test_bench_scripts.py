@@ -50,3 +50,21 @@ def test_shards_bench_reads_and_writes_against_tarfile() -> None:
 def test_web_bench_reports_ratios_against_its_references() -> None:
     out = _run("web.py", "--docs", "200")
     assert len(re.findall(r"ratio [\d.]+", out)) >= 3, out
+
+
+def test_device_check_dry_run_passes_every_step(tmp_path) -> None:
+    """bench/device_check.sh as the first GPU session will run it, minus the wheels and
+    CUDA: every step exits 0 and the recipe smoke says why it did not run."""
+    import os
+
+    env = {**os.environ, "SKIP_WHEELS": "1", "ATTN_TOKENS": "512", "PYTHON": sys.executable,
+           "TRAIN_BENCH_ARGS": "--tokens 512 --steps 2 --warmup 1 --layers 1",
+           "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(BENCH / "device_check.sh"), "run"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert summary[:5] == [f"{step}: exit 0" for step in
+                           ("env", "recipe-config", "gpu-tests", "attention", "train-bench")]
+    assert summary[5] == "recipe-smoke: skipped (no CUDA)"
+    assert "smoke recipe: steps 300" in (tmp_path / "recipe-config.log").read_text()
