@@ -213,6 +213,10 @@ def apply_parallelism(model: nn.Module, plan: ParallelPlan, info: DistInfo) -> n
                     "skip a part of the model (no ViT tokens, no labels) may hang")
     if multi_rank:
         broadcast_from_rank0(model, rank0_state, info)
+        if info.is_main:
+            others = info.world_size - 1
+            log.info("model: rank 0's weights and buffers broadcast to %d other rank%s after "
+                     "sharding", others, "s" if others > 1 else "")
     return model
 
 

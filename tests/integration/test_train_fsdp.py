@@ -152,6 +152,7 @@ def test_fsdp2_two_ranks_train_resume_and_match_one_process(tmp_path) -> None:
     # losses below match a one-process reference only if they arrived, buffers included)
     meta = "built on the meta device"
     assert meta in first_logs[1] and meta not in first_logs[0]
+    assert "weights and buffers broadcast to 1 other rank after" in first_logs[0]
     ckpt = run_dir / "checkpoints" / "step-000002"
     assert (ckpt / "COMPLETE").is_file()
     assert (ckpt / "rank-00000.pt").is_file() and (ckpt / "rank-00001.pt").is_file()
