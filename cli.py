@@ -669,22 +669,36 @@ def eval_shapes(
     shapes_config: Annotated[Path | None, typer.Option("--shapes-config", help="the shapes "
                                                        "config the data used (default: "
                                                        "read from the run's shards)")] = None,
-    n: Annotated[int, typer.Option("--n", help="held-out items per category")] = 8,
-    steps: Annotated[int, typer.Option("--steps", help="Euler steps per image")] = 20,
-    cfg_text: Annotated[float, typer.Option("--cfg-text", help="text guidance scale (1: "
-                                            "none, as the CPU recipe evaluates)")] = 4.0,
-    cfg_image: Annotated[float, typer.Option("--cfg-image", help="image guidance scale "
-                                             "of edits")] = 1.5,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="evaluate as this "
+                                                "recipe's eval section does (items, steps, "
+                                                "guidance, shift, weights); the options "
+                                                "below override it")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="held-out items per category "
+                                          "[default: the recipe's, else 8]")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Euler steps per image "
+                                              "[default: the recipe's, else 20]")] = None,
+    cfg_text: Annotated[float | None, typer.Option("--cfg-text", help="text guidance scale, "
+                                                   "1 = none [default: the recipe's, else "
+                                                   "4.0]")] = None,
+    cfg_image: Annotated[float | None, typer.Option("--cfg-image", help="image guidance "
+                                                    "scale of edits [default: the "
+                                                    "recipe's, else 1.5]")] = None,
     diagnose: Annotated[bool, typer.Option("--diagnose", help="also where generation "
                                            "fails: completion from noised right images "
                                            "per t0, and velocity error with the item's "
                                            "prompt vs another's")] = False,
 ) -> None:
-    """Toy GenEval, edit, VQA and caption accuracy of a run against chance, with grids."""
+    """Toy GenEval, edit, VQA and caption accuracy of a run against chance, with grids;
+    what it was asked is written to OUT/settings.json."""
     from weft.stages.shapes.evaluate import eval_shapes_cli
+    from weft.stages.shapes.recipe import RecipeError
 
-    markdown, pngs = eval_shapes_cli(checkpoint, out, shapes_config, n, steps, cfg_text,
-                                     cfg_image, diagnose)
+    try:
+        markdown, pngs = eval_shapes_cli(checkpoint, out, shapes_config, diagnose, recipe,
+                                         n_per_category=n, steps=steps,
+                                         cfg_text_scale=cfg_text, cfg_image_scale=cfg_image)
+    except RecipeError as exc:
+        _fail(str(exc))
     console.print(markdown)
     for path in pngs:
         console.print(f"grid: {path}")

@@ -191,17 +191,27 @@ def evaluate_run(train_run_dir: str | Path, shapes_config: Any = None,
     return evaluate_loaded(load_run(train_run_dir, weights),
                            _scene_config(shapes_config, train_run_dir), out, n_per_category,
                            steps, tasks, seed, batch_size, chance_n, vqa_types, shift,
-                           **guidance)
+                           weights=weights, **guidance)
 
 
 def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: int = 8,
                     steps: int = 20, tasks: Sequence[str] = TASKS, seed: int = 0,
                     batch_size: int = 8, chance_n: int = 300,
                     vqa_types: Sequence[str] = QUESTION_TYPES, shift: float | None = None,
-                    **guidance: Any) -> tuple[EvalTable, list[Path]]:
-    """`evaluate_run` on a run already loaded, in world `cfg`, writing under `out`."""
+                    weights: str | None = None, **guidance: Any
+                    ) -> tuple[EvalTable, list[Path]]:
+    """`evaluate_run` on a run already loaded, in world `cfg`, writing under `out`.
+
+    `out/settings.json` records what was asked (items, steps, seed, tasks, guidance,
+    the shift in effect, `weights` when known), so a table can be reproduced."""
+    import json
+
     guidance["shift"] = run.model.config.timestep_shift if shift is None else shift
     out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps({
+        "n_per_category": n_per_category, "steps": steps, "seed": seed, "tasks": list(tasks),
+        "vqa_types": list(vqa_types), "chance_n": chance_n, "weights": weights,
+        "guidance": guidance, "scene": cfg.model_dump(mode="json")}, indent=2) + "\n")
     chance = chance_levels(cfg, chance_n, seed)
     results: list[tuple[str, bool]] = []
     chances: dict[str, float] = {}
@@ -325,21 +335,46 @@ def chance_summary(table: EvalTable, alpha: float = 0.05) -> str:
     return f"{line}; not: {', '.join(behind)}" if behind else line
 
 
+# `weft eval shapes` without a recipe: a quick look (8 items a row, BAGEL's guidance)
+CLI_EVAL_DEFAULTS: dict[str, Any] = {"n_per_category": 8, "steps": 20, "shift": None,
+                                     "cfg_text_scale": 4.0, "cfg_image_scale": 1.5,
+                                     "weights": "ema"}
+
+
+def eval_settings(recipe: str | Path | None = None, **given: Any) -> dict[str, Any]:
+    """The evaluation settings of `weft eval shapes`: the options given (not None), else
+    the recipe's `eval` section (what `weft shapes recipe` evaluated with), else
+    `CLI_EVAL_DEFAULTS`."""
+    base = dict(CLI_EVAL_DEFAULTS)
+    if recipe is not None:
+        from weft.stages.shapes.recipe import load_recipe
+
+        base.update(load_recipe(recipe).eval.model_dump())
+    unknown = set(given) - set(base)
+    if unknown:
+        raise TypeError(f"unknown evaluation settings {sorted(unknown)}")
+    return {**base, **{k: v for k, v in given.items() if v is not None}}
+
+
 def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = None,
-                    shapes_config: str | Path | None = None, n_per_category: int = 8,
-                    steps: int = 20, cfg_text_scale: float = 4.0,
-                    cfg_image_scale: float = 1.5, diagnose: bool = False
+                    shapes_config: str | Path | None = None, diagnose: bool = False,
+                    recipe: str | Path | None = None, **given: Any
                     ) -> tuple[str, list[Path]]:
     """`weft eval shapes CHECKPOINT`: the table as markdown (per-task means appended)
     and the sample grids' paths. CHECKPOINT is a training run directory (RUN/export).
+    given: evaluation settings (`eval_settings`; None = the recipe's or the default).
     diagnose: also where generation fails (`diagnose.py`), written as diagnose.md/json."""
     import json
 
+    settings = eval_settings(recipe, **given)
+    n_per_category, steps = settings["n_per_category"], settings["steps"]
     out = Path(out_dir) if out_dir is not None else Path(checkpoint_dir) / "eval-shapes"
-    run, cfg = load_run(checkpoint_dir), _scene_config(shapes_config, checkpoint_dir)
+    run = load_run(checkpoint_dir, settings["weights"])
+    cfg = _scene_config(shapes_config, checkpoint_dir)
     table, pngs = evaluate_loaded(run, cfg, out, n_per_category, steps,
-                                  cfg_text_scale=cfg_text_scale,
-                                  cfg_image_scale=cfg_image_scale)
+                                  shift=settings["shift"], weights=settings["weights"],
+                                  cfg_text_scale=settings["cfg_text_scale"],
+                                  cfg_image_scale=settings["cfg_image_scale"])
     markdown = f"{table.to_markdown()}\n\nper task: {task_means(table)}\n" \
                f"{chance_summary(table)}"
     if diagnose:
@@ -352,6 +387,7 @@ def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = Non
     return markdown, pngs
 
 
-__all__ = ["TASKS", "Loaded", "answer", "chance_summary", "eval_shapes_cli", "evaluate_loaded",
+__all__ = ["CLI_EVAL_DEFAULTS", "TASKS", "Loaded", "answer", "chance_summary", "eval_settings",
+           "eval_shapes_cli", "evaluate_loaded",
            "evaluate_run", "generate", "load_run", "prompt_contexts", "task_mean", "task_means",
            "trained_scene"]

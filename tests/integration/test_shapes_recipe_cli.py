@@ -76,6 +76,21 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
     assert set(diagnosis["completion"]) == {"0.3", "0.5", "0.7", "0.85", "1.0"}
     assert all(len(row) == 6 for row in diagnosis["completion"].values())
     assert set(diagnosis["sensitivity"]) == {"0.3", "0.6", "0.9"}
+    # what was asked is on record: the options given, the CLI's defaults for the rest
+    asked = json.loads((tmp_path / "eval-cli" / "settings.json").read_text())
+    assert (asked["n_per_category"], asked["steps"], asked["weights"]) == (1, 2, "ema")
+    assert asked["guidance"]["cfg_text_scale"] == 1.0
+    assert asked["guidance"]["cfg_image_scale"] == 1.5
+    # --recipe: the recipe's evaluation settings (guidance 1.5 / 1.0) where no option says
+    again = CliRunner().invoke(app, ["eval", "shapes", str(run), "--recipe", str(CPU_RECIPE),
+                                     "--n", "1", "--steps", "2",
+                                     "--out", str(tmp_path / "eval-recipe")])
+    assert again.exit_code == 0, again.output
+    asked = json.loads((tmp_path / "eval-recipe" / "settings.json").read_text())
+    assert asked["n_per_category"] == 1 and asked["guidance"]["cfg_text_scale"] == 1.5
+    assert asked["guidance"]["cfg_image_scale"] == 1.0
+    bad = CliRunner().invoke(app, ["eval", "shapes", str(run), "--recipe", "nope.yaml"])
+    assert bad.exit_code != 0 and "nope.yaml" in bad.output
     # ... and what the images from noise hold: one row a category, one image each
     rows = diagnosis["objects"]["rows"]
     assert len(rows) == 6 and all(row["images"] == 1 for row in rows.values())
