@@ -112,6 +112,15 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _checkpoint_dir(path: str | Path) -> Path:
+    """A local SigLIP2 directory, or a FileNotFoundError that names the path."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no SigLIP2 checkpoint at {path} (config.json missing); "
+                                "point the model config at a local SigLIP2 directory")
+    return path
+
+
 class VisionEncoder(nn.Module):
     """SigLIP2 NaViT vision tower: (vit_pixels, vit_grids) -> [n_vit_tokens, vit_dim].
 
@@ -134,10 +143,7 @@ class VisionEncoder(nn.Module):
         """
         from transformers import Siglip2VisionModel
 
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no SigLIP2 checkpoint at {path} (config.json missing); "
-                                    "point the model config at a local SigLIP2 directory")
+        path = _checkpoint_dir(path)
         with quiet_transformers():
             model, info = Siglip2VisionModel.from_pretrained(
                 path, local_files_only=True, vision_use_head=False, dtype=dtype,
@@ -155,10 +161,7 @@ class VisionEncoder(nn.Module):
         init, no weights read (under `torch.device("meta")`: no memory either)."""
         from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no SigLIP2 checkpoint at {path} (config.json missing); "
-                                    "point the model config at a local SigLIP2 directory")
+        path = _checkpoint_dir(path)
         with quiet_transformers():
             config = Siglip2VisionConfig.from_pretrained(path, local_files_only=True)
         config.vision_use_head = False

@@ -220,13 +220,16 @@ def apply_parallelism(model: nn.Module, plan: ParallelPlan, info: DistInfo) -> n
     return model
 
 
+def _has_meta_tensors(model: nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
 def rank0_full_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
     """Rank 0's full state dict, taken before sharding (others: empty). Rank 0 must hold
     real weights: it is the one copy every rank receives."""
-    on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     if not info.is_main:
         return {}
-    if on_meta:
+    if _has_meta_tensors(model):
         raise ParallelConfigError("rank 0 built its model on the meta device; rank 0 must "
                                   "build (and load) the real weights that it broadcasts")
     return model.state_dict()
@@ -248,7 +251,7 @@ def broadcast_from_rank0(model: nn.Module, rank0_state: dict[str, torch.Tensor],
         set_model_state_dict,
     )
 
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+    if _has_meta_tensors(model):
         model.to_empty(device=info.device)
     set_model_state_dict(model, rank0_state, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=True))

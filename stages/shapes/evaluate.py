@@ -335,21 +335,17 @@ def chance_summary(table: EvalTable, alpha: float = 0.05) -> str:
     return f"{line}; not: {', '.join(behind)}" if behind else line
 
 
-# `weft eval shapes` without a recipe: a quick look (8 items a row, BAGEL's guidance)
-CLI_EVAL_DEFAULTS: dict[str, Any] = {"n_per_category": 8, "steps": 20, "shift": None,
-                                     "cfg_text_scale": 4.0, "cfg_image_scale": 1.5,
-                                     "weights": "ema"}
+CLI_QUICK_ITEMS = 8  # `weft eval shapes` without a recipe: a quick look, 8 items a row
 
 
 def eval_settings(recipe: str | Path | None = None, **given: Any) -> dict[str, Any]:
     """The evaluation settings of `weft eval shapes`: the options given (not None), else
     the recipe's `eval` section (what `weft shapes recipe` evaluated with), else
-    `CLI_EVAL_DEFAULTS`."""
-    base = dict(CLI_EVAL_DEFAULTS)
-    if recipe is not None:
-        from weft.stages.shapes.recipe import load_recipe
+    `EvalRecipe`'s defaults at `CLI_QUICK_ITEMS` items a row."""
+    from weft.stages.shapes.recipe import EvalRecipe, load_recipe
 
-        base.update(load_recipe(recipe).eval.model_dump())
+    base = (load_recipe(recipe).eval if recipe is not None
+            else EvalRecipe(n_per_category=CLI_QUICK_ITEMS)).model_dump()
     unknown = set(given) - set(base)
     if unknown:
         raise TypeError(f"unknown evaluation settings {sorted(unknown)}")
@@ -387,7 +383,7 @@ def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = Non
     return markdown, pngs
 
 
-__all__ = ["CLI_EVAL_DEFAULTS", "TASKS", "Loaded", "answer", "chance_summary", "eval_settings",
+__all__ = ["CLI_QUICK_ITEMS", "TASKS", "Loaded", "answer", "chance_summary", "eval_settings",
            "eval_shapes_cli", "evaluate_loaded",
            "evaluate_run", "generate", "load_run", "prompt_contexts", "task_mean", "task_means",
            "trained_scene"]
