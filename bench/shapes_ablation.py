@@ -112,6 +112,9 @@ def side_by_side(tables: dict[str, Any]) -> str:
         chance = "-" if row.chance is None else f"{row.chance:.3f}"
         lines.append(f"| {row.category} | {' | '.join(accs)} | {chance} |")
     lines.append(f"| **overall** | {' | '.join(f'{tables[m].overall:.3f}' for m in modes)} | |")
+    above = [tables[m].above_chance() for m in modes]
+    lines.append(f"| rows above chance (p < 0.05) | "
+                 f"{' | '.join(f'{sum(a.values())} of {len(a)}' for a in above)} | |")
     return "\n".join(lines)
 
 

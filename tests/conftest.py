@@ -71,3 +71,19 @@ def run_context(tmp_path: Path) -> Callable[..., RunContext]:
         return make_context(rules, run_dir=tmp_path, stage_index=stage_index)
 
     return build
+
+
+@pytest.fixture
+def tiny_shapes_recipe() -> list[str]:
+    """KEY=VALUE overrides that shrink the CPU shapes recipe to a minute's run (every step
+    of it still runs: data, VAE, ViT, training, evaluation)."""
+    return ["shapes.samples.t2i=12", "shapes.samples.vqa=8", "shapes.samples.caption=4",
+            "shapes.samples.edit=8", "shapes.samples.video=0",
+            "vae.steps=3", "vae.batch_size=2", "vae.widths=[8,8,8,8]",
+            "vit.hidden_size=16", "vit.num_layers=1", "vit.pretrain_steps=3",
+            "vit.pretrain_batch_size=2",
+            "train.steps=2", "train.checkpoint.every_steps=2", "train.data.num_workers=0",
+            "train.model.unified.llm.hidden_size=32", "train.model.unified.llm.num_layers=1",
+            "train.model.unified.llm.intermediate_size=64",
+            "train.model.unified.llm.num_heads=2", "train.model.unified.llm.num_kv_heads=1",
+            "eval.n_per_category=1", "eval.steps=2"]

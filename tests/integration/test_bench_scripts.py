@@ -68,3 +68,23 @@ def test_device_check_dry_run_passes_every_step(tmp_path) -> None:
                            ("env", "recipe-config", "gpu-tests", "attention", "train-bench")]
     assert summary[5] == "recipe-smoke: skipped (no CUDA)"
     assert "smoke recipe: steps 300" in (tmp_path / "recipe-config.log").read_text()
+
+
+def test_shapes_ablation_trains_each_layer_mode_on_the_same_tokens(tmp_path,
+                                                                 tiny_shapes_recipe) -> None:
+    """The ablation's claim is equal training tokens: the three modes must report the same
+    count; the side-by-side table and the loss-curve plot are written."""
+    args = ["--out", str(tmp_path)]
+    for pair in tiny_shapes_recipe:
+        args += ["--set", pair]
+    out = _run("shapes_ablation.py", *args)
+    tokens = {m: int(n) for m, n in re.findall(r"^(dense|moe|mot): (\d+) loss tokens", out,
+                                               re.MULTILINE)}
+    assert set(tokens) == {"dense", "moe", "mot"}, out
+    assert len(set(tokens.values())) == 1 and tokens["mot"] > 0, tokens
+    table = (tmp_path / "tables.md").read_text()
+    assert table.splitlines()[0] == "| category | dense | moe | mot | chance |"
+    assert "| geneval/color_attr |" in table and "| caption |" in table
+    assert re.search(r"\| rows above chance \(p < 0\.05\) \| \d+ of 17 \| \d+ of 17 \| "
+                     r"\d+ of 17 \| \|", table), table
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -15,27 +15,17 @@ from weft.stages.shapes.recipe import CPU_RECIPE
 
 pytestmark = pytest.mark.integration
 
-TINY = ["shapes.samples.t2i=12", "shapes.samples.vqa=8", "shapes.samples.caption=4",
-        "shapes.samples.edit=8", "shapes.samples.video=0",
-        "vae.steps=3", "vae.batch_size=2", "vae.widths=[8,8,8,8]",
-        "vit.hidden_size=16", "vit.num_layers=1", "vit.pretrain_steps=3",
-        "vit.pretrain_batch_size=2",
-        "train.steps=2", "train.checkpoint.every_steps=2", "train.data.num_workers=0",
-        "train.model.unified.llm.hidden_size=32", "train.model.unified.llm.num_layers=1",
-        "train.model.unified.llm.intermediate_size=64",
-        "train.model.unified.llm.num_heads=2", "train.model.unified.llm.num_kv_heads=1",
-        "eval.n_per_category=1", "eval.steps=2"]
 
-
-def _run(out, *extra: str):
+def _run(out, tiny: list[str], *extra: str):
     args = ["shapes", "recipe", str(CPU_RECIPE), "--out", str(out)]
-    for pair in (*TINY, *extra):
+    for pair in (*tiny, *extra):
         args += ["--set", pair]
     return CliRunner().invoke(app, args)
 
 
-def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
-    result = _run(tmp_path)
+def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path,
+                                                          tiny_shapes_recipe) -> None:
+    result = _run(tmp_path, tiny_shapes_recipe)
     assert result.exit_code == 0, result.output
     for category in ("geneval/single_object", "geneval/color_attr", "edit/recolour",
                      "edit/remove", "vqa/", "caption", "overall"):
@@ -101,7 +91,7 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
     # run (it would otherwise resume a run trained with seed 0 and report it as seed 1)
     vae_dir = next(tmp_path.glob("vae-*"))
     stamp = (vae_dir / "config.json").stat().st_mtime_ns
-    second = _run(tmp_path, "train.seed=1")
+    second = _run(tmp_path, tiny_shapes_recipe, "train.seed=1")
     assert second.exit_code == 0, second.output
     assert (vae_dir / "config.json").stat().st_mtime_ns == stamp
     [other] = set(tmp_path.glob("train-*")) - {run}
@@ -112,15 +102,16 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path) -> None:
     # it trains): its own finished run is found, nothing retrains
     checkpoint = run / "checkpoints" / "step-000002"
     stamp = checkpoint.stat().st_mtime_ns
-    third = _run(tmp_path, "train.metrics.every_steps=1", "train.checkpoint.keep_last=5")
+    third = _run(tmp_path, tiny_shapes_recipe, "train.metrics.every_steps=1",
+                 "train.checkpoint.keep_last=5")
     assert third.exit_code == 0, third.output
     assert f"resumed from {checkpoint}" in " ".join(third.output.split())
     assert checkpoint.stat().st_mtime_ns == stamp
     assert len(list(tmp_path.glob("train-*"))) == 2
 
 
-def test_a_bad_recipe_fails_before_any_work(tmp_path) -> None:
-    result = _run(tmp_path, "train.optim.lrr=1")
+def test_a_bad_recipe_fails_before_any_work(tmp_path, tiny_shapes_recipe) -> None:
+    result = _run(tmp_path, tiny_shapes_recipe, "train.optim.lrr=1")
     assert result.exit_code != 0
     assert "optim.lrr" in result.output
     assert not any(tmp_path.iterdir())
