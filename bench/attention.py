@@ -24,61 +24,14 @@ times only the dense reference there.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from collections.abc import Callable
 
 import torch
+from packs import synthetic_pack
 
 from weft.model import attention_backends as ab
-from weft.model.packed import PackBuilder, PackedBatch
-
-
-def realistic_pack(tokens: int, seed: int) -> PackedBatch:
-    """Documents of the kinds BAGEL trains on, packed until the next one does not fit."""
-    rng = random.Random(seed)
-    builder = PackBuilder(vit_patch=16, vae_stride=16)
-
-    def grid() -> tuple[int, int]:
-        return rng.randint(10, 20), rng.randint(10, 20)  # 100-400 tokens per image
-
-    def text(lo: int, hi: int) -> tuple:
-        return ("text", 1, rng.randint(lo, hi))
-
-    def document() -> list[tuple]:
-        kind = rng.choice(["t2i", "understand", "edit", "interleaved"])
-        if kind == "t2i":
-            return [text(10, 80), ("vae_noised", *grid())]
-        if kind == "understand":
-            return [("vit", *grid()), text(20, 200)]
-        if kind == "edit":
-            rows, cols = grid()
-            return [text(10, 60), ("vae_clean", rows, cols), ("vit_same", rows, cols),
-                    ("vae_noised", rows, cols)]
-        items = [text(10, 80)]
-        for _ in range(rng.randint(2, 3)):
-            items += [(rng.choice(["vae_noised", "vae_clean", "vit"]), *grid()),
-                      text(10, 60)]
-        return items
-
-    misses = 0
-    while misses < 8:
-        items = document()
-        if len(builder) + sum(rows * cols for _, rows, cols in items) > tokens:
-            misses += 1
-            continue
-        builder.new_document()
-        for kind, rows, cols in items:
-            if kind == "text":
-                builder.add_text([rng.randrange(1000) for _ in range(cols)], loss=True)
-            elif kind.startswith("vit"):
-                builder.add_vit_image(torch.zeros(rows * cols, 768), (rows, cols),
-                                      same_position_as_previous_image=kind == "vit_same")
-            else:
-                builder.add_vae_image(torch.zeros(3, 16 * rows, 16 * cols),
-                                      noised=kind == "vae_noised")
-    return builder.build(pad_to=tokens)
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
@@ -97,7 +50,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
 
 def bench_length(tokens: int, args: argparse.Namespace, device: torch.device,
                  dtype: torch.dtype) -> dict[str, float | int | None]:
-    batch = realistic_pack(tokens, args.seed).to(device)
+    batch = synthetic_pack(tokens, args.seed).to(device)
     start = time.perf_counter()
     flex = ab.build_attention_mask(batch, "flex", block_size=args.block_size,
                                    flex_mode="compiled")  # compiles create_block_mask

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import sys
 import tempfile
 import time
 from typing import Any
 
 import torch
+from packs import synthetic_pack
 
-from weft.model.packed import PackBuilder, PackedBatch
 from weft.train.config import TrainConfig
 from weft.train.metrics import batch_flops, peak_memory_gib, peak_tflops
 
@@ -43,51 +42,12 @@ CPU_SMALL = {"vocab_size": 8192, "hidden_size": 256, "intermediate_size": 704,
              "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "tie_word_embeddings": True}
 
 
-def synthetic_pack(tokens: int, vocab: int, seed: int) -> PackedBatch:
-    """Documents as BAGEL trains on (no ViT: the benchmark has no SigLIP weights)."""
-    rng = random.Random(seed)
-    builder = PackBuilder(vit_patch=16, vae_stride=16)
-
-    def grid() -> tuple[int, int]:
-        return rng.randint(8, 24), rng.randint(8, 24)  # 64-576 latent tokens per image
-
-    def document() -> list[tuple[str, int, int]]:
-        kind = rng.choice(["t2i", "edit", "interleaved", "text"])
-        if kind == "t2i":
-            return [("text", 1, rng.randint(10, 80)), ("vae_noised", *grid())]
-        if kind == "edit":
-            rows, cols = grid()
-            return [("text", 1, rng.randint(10, 60)), ("vae_clean", rows, cols),
-                    ("vae_noised", rows, cols)]
-        if kind == "text":
-            return [("text", 1, rng.randint(100, 600))]
-        items = [("text", 1, rng.randint(10, 80))]
-        for _ in range(rng.randint(2, 3)):
-            items += [(rng.choice(["vae_noised", "vae_clean"]), *grid()),
-                      ("text", 1, rng.randint(10, 60))]
-        return items
-
-    misses = 0
-    while misses < 8:
-        items = document()
-        if len(builder) + sum(r * c for _, r, c in items) > tokens:
-            misses += 1
-            continue
-        builder.new_document()
-        for kind, rows, cols in items:
-            if kind == "text":
-                builder.add_text([rng.randrange(vocab) for _ in range(cols)], loss=True)
-            else:
-                builder.add_vae_image(torch.zeros(3, 16 * rows, 16 * cols),
-                                      noised=kind == "vae_noised")
-    return builder.build(pad_to=tokens)
-
-
 class SyntheticPacks:
     """A DataSource of `pool` distinct synthetic packs, cycled (built once, up front)."""
 
     def __init__(self, tokens: int, vocab: int, pool: int = 4, seed: int = 0) -> None:
-        self.packs = [synthetic_pack(tokens, vocab, seed + i) for i in range(pool)]
+        self.packs = [synthetic_pack(tokens, seed + i, vocab=vocab, vit=False, side=(8, 24))
+                      for i in range(pool)]
         self.index = 0
 
     def __iter__(self):
