@@ -25,7 +25,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -307,7 +307,19 @@ def eval_captions(cfg: SceneConfig, n: int, seed: int = 0) -> list[Scene]:
 
 
 # ---- chance -----------------------------------------------------------------------------------
-def chance_levels(cfg: SceneConfig, n: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+class ChanceLevels(TypedDict):
+    """What `chance_levels` measured: rates per category, and the draws each rests on."""
+
+    geneval: dict[str, float]
+    vqa: dict[str, float]
+    vqa_majority: dict[str, float]
+    caption: dict[str, float]
+    edit: dict[str, float]
+    edit_copy: dict[str, float]
+    draws: dict[str, int]
+
+
+def chance_levels(cfg: SceneConfig, n: int = 1000, seed: int = 0) -> ChanceLevels:
     """Chance per category, measured on n draws each (scene-level: the detector is exact).
 
     geneval: a random scene scored against a random prompt of the category;
@@ -318,9 +330,8 @@ def chance_levels(cfg: SceneConfig, n: int = 1000, seed: int = 0) -> dict[str, d
     `draws`: how many draws each measured rate rests on, by table row
     (`geneval/colors`, `edit/add`, `vqa/count`, `caption`).
     """
-    out: dict[str, dict[str, float]] = {"geneval": {}, "vqa": {}, "vqa_majority": {},
-                                        "caption": {}, "edit": {}, "edit_copy": {},
-                                        "draws": {}}
+    out = ChanceLevels(geneval={}, vqa={}, vqa_majority={}, caption={}, edit={}, edit_copy={},
+                       draws={})
     for c, category in enumerate(CATEGORIES):
         hits = [score_prompt(sample_prompt(eval_rng(seed, 10, c, i), cfg, category),
                              sample_scene(eval_rng(seed, 11, c, i), cfg)) for i in range(n)]
@@ -378,8 +389,8 @@ def wrong_scene(rng: np.random.Generator, cfg: SceneConfig, spec: PromptSpec) ->
     return prompt_scene(rng, cfg, PromptSpec(spec.category, "", tuple(reqs), relation))
 
 
-__all__ = ["EVAL_SALT", "CategoryScore", "EvalTable", "answer_correct", "binomial_tail",
-           "caption_accuracy", "chance_for_test", "chance_levels", "default_pos_tol",
-           "detector_accuracy", "edit_accuracy", "edit_correct", "eval_captions", "eval_edits",
-           "eval_prompts", "eval_rng", "eval_vqa", "evaluate", "geneval", "geneval_image",
-           "score_prompt", "vqa_accuracy", "wrong_scene"]
+__all__ = ["EVAL_SALT", "CategoryScore", "ChanceLevels", "EvalTable", "answer_correct",
+           "binomial_tail", "caption_accuracy", "chance_for_test", "chance_levels",
+           "default_pos_tol", "detector_accuracy", "edit_accuracy", "edit_correct",
+           "eval_captions", "eval_edits", "eval_prompts", "eval_rng", "eval_vqa", "evaluate",
+           "geneval", "geneval_image", "score_prompt", "vqa_accuracy", "wrong_scene"]
