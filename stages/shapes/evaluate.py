@@ -21,6 +21,7 @@ a VQA row's chance is the higher of a random answer and the type's most frequent
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,8 +205,6 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
 
     `out/settings.json` records what was asked (items, steps, seed, tasks, guidance,
     the shift in effect, `weights` when known), so a table can be reproduced."""
-    import json
-
     guidance["shift"] = run.model.config.timestep_shift if shift is None else shift
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps({
@@ -285,8 +284,6 @@ def trained_scene(train_run_dir: str | Path) -> SceneConfig | None:
     (a mixture.json) name each dataset's run directory, and a shapes run keeps its
     config.yaml there. None when the run read no shapes run; a ValueError when it read
     several with different scenes (then say which with --shapes-config)."""
-    import json
-
     from weft.pipelines.shapes import PIPELINE, load_config
     from weft.pipelines.shard import MIXTURE_FILE
     from weft.pipelines.shard_samples import run_pipeline
@@ -360,8 +357,6 @@ def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = Non
     and the sample grids' paths. CHECKPOINT is a training run directory (RUN/export).
     given: evaluation settings (`eval_settings`; None = the recipe's or the default).
     diagnose: also where generation fails (`diagnose.py`), written as diagnose.md/json."""
-    import json
-
     settings = eval_settings(recipe, **given)
     n_per_category, steps = settings["n_per_category"], settings["steps"]
     out = Path(out_dir) if out_dir is not None else Path(checkpoint_dir) / "eval-shapes"
