@@ -683,6 +683,13 @@ def eval_shapes(
     cfg_image: Annotated[float | None, typer.Option("--cfg-image", help="image guidance "
                                                     "scale of edits [default: the "
                                                     "recipe's, else 1.5]")] = None,
+    autoguidance: Annotated[float | None, typer.Option("--autoguidance", help="guide "
+                                                       "against the run's model at "
+                                                       "--guide-step, 1 = off [default: "
+                                                       "the recipe's, else 1]")] = None,
+    guide_step: Annotated[int | None, typer.Option("--guide-step", help="the step of the "
+                                                   "earlier export that autoguides "
+                                                   "(checkpoint.export_steps)")] = None,
     diagnose: Annotated[bool, typer.Option("--diagnose", help="also where generation "
                                            "fails: completion from noised right images "
                                            "per t0, and velocity error with the item's "
@@ -696,8 +703,9 @@ def eval_shapes(
     try:
         markdown, pngs = eval_shapes_cli(checkpoint, out, shapes_config, diagnose, recipe,
                                          n_per_category=n, steps=steps,
-                                         cfg_text_scale=cfg_text, cfg_image_scale=cfg_image)
-    except RecipeError as exc:
+                                         cfg_text_scale=cfg_text, cfg_image_scale=cfg_image,
+                                         autoguidance=autoguidance, guide_step=guide_step)
+    except (RecipeError, FileNotFoundError) as exc:
         _fail(str(exc))
     console.print(markdown)
     for path in pngs:

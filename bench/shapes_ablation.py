@@ -6,7 +6,11 @@ training tokens (the totals are printed). Writes OUT/curves.png (CE and MSE per
 step, one line per mode; matplotlib when installed, else drawn with PIL) and
 OUT/tables.md (the shapes evaluation of each mode side by side), and prints both.
 
-    python bench/shapes_ablation.py --set train.steps=1000 --out runs/shapes-ablation
+    python bench/shapes_ablation.py --set train.steps=1000 --set eval.guide_step=400 \
+        --out runs/shapes-ablation
+
+(the recipe autoguides each mode's sampling with its own model at `eval.guide_step`,
+which must come before the last step.)
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ method takes and returns lists with one entry per context.
                                  full attention inside, visible to all that follows)
     decode_text                  KV-cached autoregressive decoding (greedy or sampled)
     generate_latents             Euler sampling of noised latents against the cache, with
-                                 two-scale CFG (`model/sampler.py`)
+                                 two-scale CFG (`model/sampler.py`) and, given a guide
+                                 Interleaver over an earlier model, autoguidance
     generate_image               the same, decoded to pixels and written back as a clean
                                  image
     edit / think                 the two recipes built from these
@@ -233,14 +234,16 @@ class Interleaver:
                        cfg_text_scale: float = 4.0, cfg_image_scale: float = 1.5,
                        cfg_interval: tuple[float, float] = (0.4, 1.0),
                        cfg_renorm: RenormMode = "global", generator: Generators = None,
-                       append: bool = True) -> list[torch.Tensor]:
+                       append: bool = True, guide: Interleaver | None = None,
+                       autoguidance: float = 1.0) -> list[torch.Tensor]:
         """Sample one image per context (`generate_latents`), decode it to pixels and
         (with `append`) write it back into the context as an image condition.
 
         Returns [3, height, width] in [-1, 1] per context.
         """
         latents = self.generate_latents(height, width, steps, shift, cfg_text_scale,
-                                        cfg_image_scale, cfg_interval, cfg_renorm, generator)
+                                        cfg_image_scale, cfg_interval, cfg_renorm, generator,
+                                        guide=guide, autoguidance=autoguidance)
         images = [image.to(self.device) for image in self.codec.decode(latents)]
         if append:
             self._append_images(images, latents, condition=True)
@@ -251,7 +254,8 @@ class Interleaver:
                          cfg_text_scale: float = 4.0, cfg_image_scale: float = 1.5,
                          cfg_interval: tuple[float, float] = (0.4, 1.0),
                          cfg_renorm: RenormMode = "global", generator: Generators = None,
-                         start: Sequence[torch.Tensor] | None = None, start_t: float = 1.0
+                         start: Sequence[torch.Tensor] | None = None, start_t: float = 1.0,
+                         guide: Interleaver | None = None, autoguidance: float = 1.0
                          ) -> list[torch.Tensor]:
         """Euler-sample normalised latents [C, height/8, width/8] per context from noise
         (drawn with `generator`, one or one per context), guided by two-scale CFG inside
@@ -260,7 +264,15 @@ class Interleaver:
         start: noised latents x_t [C, h, w] per context at t = start_t to continue from
         instead of noise (the schedule's steps above start_t are skipped): how far from
         a known image the model still lands on it tells which noise levels it fails at.
+        guide, autoguidance: autoguidance (Karras et al. 2024, "Guiding a Diffusion Model
+        with a Bad Version of Itself"): `guide` holds the same contexts over a weaker
+        model (an earlier checkpoint of this one) and every step integrates
+        v_guide + autoguidance · (v − v_guide), each v with the same CFG; 1 is off.
         """
+        if autoguidance < 1.0:
+            raise ValueError(f"autoguidance must be >= 1 (1 is off), got {autoguidance}")
+        if guide is not None:
+            self._check_guide(guide)
         stride = self.codec.stride
         if height <= 0 or width <= 0 or height % stride or width % stride:
             raise ValueError(f"image size {height}x{width} must be positive multiples of "
@@ -282,7 +294,11 @@ class Interleaver:
             timesteps = torch.cat([torch.tensor([start_t], dtype=timesteps.dtype), below])
 
         def velocity(x_t: torch.Tensor, t: float) -> torch.Tensor:
-            return self._guided_velocity(x_t.split(n), grid, t, guidance)
+            v = self._guided_velocity(x_t.split(n), grid, t, guidance)
+            if guide is None or autoguidance == 1.0:
+                return v
+            v_guide = guide._guided_velocity(x_t.split(n), grid, t, guidance)
+            return v_guide + autoguidance * (v - v_guide)
 
         tokens = euler_sample(x, velocity, timesteps).split(n)
         return [self.codec.unpatchify(tok, grid) for tok in tokens]
@@ -439,6 +455,15 @@ class Interleaver:
                                  "tokenizer; pass token ids or a tokenizer")
             return [int(i) for i in self.tokenizer(text)]
         return [int(i) for i in text]
+
+    def _check_guide(self, guide: Interleaver) -> None:
+        """A guide must hold the same contexts: as many, as long in every track."""
+        if guide.batch_size != self.batch_size or any(
+                guide.lengths(track) != self.lengths(track) for track in TRACKS):
+            raise ValueError("the guide's contexts differ from these (append the same items "
+                             f"to both): lengths {guide.lengths()} vs {self.lengths()}")
+        if guide.model.config.latent_token_dim != self.model.config.latent_token_dim:
+            raise ValueError("the guide model's latent tokens differ from this model's")
 
     def _check_batch(self, values: Sequence[object]) -> None:
         if len(values) != self.batch_size:

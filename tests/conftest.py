@@ -86,4 +86,4 @@ def tiny_shapes_recipe() -> list[str]:
             "train.model.unified.llm.hidden_size=32", "train.model.unified.llm.num_layers=1",
             "train.model.unified.llm.intermediate_size=64",
             "train.model.unified.llm.num_heads=2", "train.model.unified.llm.num_kv_heads=1",
-            "eval.n_per_category=1", "eval.steps=2"]
+            "eval.n_per_category=1", "eval.steps=2", "eval.guide_step=1"]

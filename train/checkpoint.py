@@ -71,6 +71,11 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
     return checkpoints_root(run_dir) / f"step-{step:06d}"
 
 
+def step_export_dir(run_dir: str | Path, step: int) -> Path:
+    """Where `checkpoint.export_steps` puts step's inference weights (RUN/export is the end)."""
+    return Path(run_dir) / f"export-step-{step:06d}"
+
+
 def _step_dirs(run_dir: str | Path) -> list[tuple[int, Path, bool]]:
     """(step, path, complete) for every step directory, oldest first."""
     root = checkpoints_root(run_dir)

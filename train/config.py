@@ -11,7 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from weft.model.mot import UnifiedConfig
 from weft.schemas.config_doc import deep_merge, read_yaml_mapping, validation_problems
@@ -138,6 +145,16 @@ class CheckpointConfig(_Strict):
                                                                  "latest step directory")
     export_safetensors: bool = Field(True, description="at the end, export model and EMA "
                                                        "weights for inference")
+    export_steps: list[int] = Field(default_factory=list, description="also export them at "
+                                    "these steps, to RUN/export-step-NNNNNN (an earlier "
+                                    "model to autoguide sampling with)")
+
+    @field_validator("export_steps")
+    @classmethod
+    def _positive_steps(cls, value: list[int]) -> list[int]:
+        if any(step < 1 for step in value):
+            raise ValueError(f"export_steps must be positive step numbers, got {value}")
+        return sorted(set(value))
 
 
 class MetricsConfig(_Strict):
@@ -177,6 +194,14 @@ class TrainConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+
+    @model_validator(mode="after")
+    def _export_steps_in_run(self) -> TrainConfig:
+        late = [step for step in self.checkpoint.export_steps if step >= self.steps]
+        if late:
+            raise ValueError(f"checkpoint.export_steps {late} are not before the last step "
+                             f"({self.steps}), which exports to RUN/export anyway")
+        return self
 
 
 def load_train_config(path: str | Path | None = None,

@@ -53,7 +53,12 @@ from torch import nn
 from weft.model.attention_backends import describe_backend
 from weft.model.mot import LossOutput, MoTModel, loss_token_counts
 from weft.model.packed import PackedBatch
-from weft.train.checkpoint import Checkpointer, export_safetensors, latest_checkpoint
+from weft.train.checkpoint import (
+    Checkpointer,
+    export_safetensors,
+    latest_checkpoint,
+    step_export_dir,
+)
 from weft.train.config import LossConfig, OptimConfig, TrainConfig, TrainConfigError
 from weft.train.ema import EMA, clean_name
 from weft.train.latent_cache import LatentCache
@@ -448,8 +453,8 @@ class Trainer:
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler,
                                       self.ema, self.data.state_dict())
 
-    def export(self) -> Path:
-        return export_safetensors(self.run_dir / "export", self.model,
+    def export(self, out_dir: Path | None = None) -> Path:
+        return export_safetensors(out_dir or self.run_dir / "export", self.model,
                                   self.config.model.unified, self.info, self.ema,
                                   metadata={"step": self.step})
 
@@ -457,7 +462,8 @@ class Trainer:
         """Run to `config.steps` (or stop after step `stop_at`, as if interrupted there).
 
         Saves every `checkpoint.every_steps` and at the last step of this call; exports
-        safetensors when the run reaches `config.steps`.
+        safetensors when the run reaches `config.steps`, and at `checkpoint.export_steps`
+        to RUN/export-step-NNNNNN.
         """
         end = self.config.steps if stop_at is None else min(stop_at, self.config.steps)
         result = TrainResult(self.step, self.start_step, self.run_dir)
@@ -470,6 +476,8 @@ class Trainer:
             if self.step % self.config.checkpoint.every_steps == 0:
                 result.checkpoint = self.save()
                 saved_at = self.step
+            if self.step in self.config.checkpoint.export_steps:
+                self.export(step_export_dir(self.run_dir, self.step))
         if self.metrics.window.steps:  # stopped between two metric lines
             self.metrics.log(self.step)
         if saved_at != self.step:

@@ -36,11 +36,37 @@ class Loaded:
     tokenizer: Any
     text: Any  # train.packer.TextTokens
     spec: Any  # train.images.ImageSpec
+    guide: Any = None  # an earlier MoTModel of the run, for autoguidance (`load_guide`)
 
 
-def load_run(run_dir: str | Path, weights: str = "ema") -> Loaded:
+def load_guide(run_dir: str | Path, step: int, weights: str = "ema") -> Any:
+    """The run's model as exported at `step` (`checkpoint.export_steps`; else exported now
+    from a checkpoint of that step): the weaker version of itself that autoguidance
+    steers away from."""
+    from weft.train.checkpoint import (
+        MARKER,
+        export_checkpoint,
+        load_exported,
+        step_dir,
+        step_export_dir,
+    )
+
+    path = step_export_dir(run_dir, step)
+    if not (path / "unified_config.json").is_file():
+        if not (step_dir(run_dir, step) / MARKER).is_file():
+            raise FileNotFoundError(
+                f"{run_dir} has no export or checkpoint of step {step} ({path}): train it "
+                f"with checkpoint.export_steps: [{step}] (a run already past that step "
+                "kept no weights of it and has to train again)")
+        export_checkpoint(run_dir, step_dir(run_dir, step), path)
+    return load_exported(path, weights).eval()
+
+
+def load_run(run_dir: str | Path, weights: str = "ema", guide_step: int | None = None
+             ) -> Loaded:
     """A run's export (safetensors), its frozen VAE, its tokenizer and the image spec it
-    was trained with: everything that samples from a run loads it this way."""
+    was trained with: everything that samples from a run loads it this way.
+    guide_step: also load the run's export at that step as `guide` (autoguidance)."""
     from transformers import AutoTokenizer
 
     from weft.model.vae import LatentCodec
@@ -48,6 +74,7 @@ def load_run(run_dir: str | Path, weights: str = "ema") -> Loaded:
     from weft.train.images import ImageSpec
 
     run = Path(run_dir)
+    guide = None if guide_step is None else load_guide(run, guide_step, weights)
     config = TrainConfig.model_validate_json((run / "config.json").read_text())
     if config.model.vae_path is None:
         raise ValueError(f"{run} was trained without a VAE: nothing to generate with")
@@ -59,7 +86,7 @@ def load_run(run_dir: str | Path, weights: str = "ema") -> Loaded:
                                               local_files_only=True)
     spec = ImageSpec.from_config(config.data, model.config,
                                  model.vision.patch_size if model.vision else None)
-    return Loaded(model, codec, tokenizer, TextTokens(tokenizer), spec)
+    return Loaded(model, codec, tokenizer, TextTokens(tokenizer), spec, guide)
 
 
 def _to_pixels(image: torch.Tensor) -> torch.Tensor:

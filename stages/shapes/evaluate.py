@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,14 +103,22 @@ def prompt_contexts(run: Loaded, prompts: Sequence[str],
 def generate(run: Loaded, prompts: Sequence[str], size: int, steps: int,
              sources: Sequence[np.ndarray] | None = None, batch_size: int = 8,
              seed: int = 0, **guidance: Any) -> list[np.ndarray]:
-    """One image per prompt (an edit of `sources[i]` when given), as uint8 RGB."""
+    """One image per prompt (an edit of `sources[i]` when given), as uint8 RGB.
+    guidance: `Interleaver.generate_image`'s; `autoguidance` > 1 needs `run.guide`."""
+    autoguided = guidance.get("autoguidance", 1.0) != 1.0
+    if autoguided and run.guide is None:
+        raise ValueError("autoguidance needs the run's guide model: load the run with "
+                         "guide_step (load_run(..., guide_step=N))")
+    guide_run = replace(run, model=run.guide) if autoguided else None
     out: list[np.ndarray] = []
     for chunk in _chunks(len(prompts), batch_size):
-        inter = prompt_contexts(run, [prompts[i] for i in chunk],
-                                None if sources is None else [sources[i] for i in chunk])
+        given = [prompts[i] for i in chunk]
+        shown = None if sources is None else [sources[i] for i in chunk]
+        inter = prompt_contexts(run, given, shown)
+        guide = prompt_contexts(guide_run, given, shown) if guide_run is not None else None
         gens = [torch.Generator().manual_seed(seed + i) for i in chunk]
         images = inter.generate_image(size, size, steps=steps, generator=gens, append=False,
-                                      **guidance)
+                                      guide=guide, **guidance)
         out.extend(_uint8(im) for im in images)
     return out
 
@@ -176,7 +185,8 @@ def evaluate_run(train_run_dir: str | Path, shapes_config: Any = None,
                  tasks: Sequence[str] = TASKS, seed: int = 0, batch_size: int = 8,
                  weights: str = "ema", chance_n: int = 300,
                  vqa_types: Sequence[str] = QUESTION_TYPES, shift: float | None = None,
-                 **guidance: Any) -> tuple[EvalTable, list[Path]]:
+                 guide_step: int | None = None, **guidance: Any
+                 ) -> tuple[EvalTable, list[Path]]:
     """Score a run on held-out shapes tasks; write sample grids (PNG) and the table.
 
     shapes_config: a `ShapesConfig`, a `SceneConfig`, a YAML path, or None: the scene of
@@ -184,33 +194,36 @@ def evaluate_run(train_run_dir: str | Path, shapes_config: Any = None,
     settings matter. n_per_category: prompts per GenEval category, edits
     per op, questions per VQA type and captions are this many each. steps: Euler
     steps per generated image. vqa_types: the question types asked. shift: of the Euler
-    schedule; None = the one the model trained with (`timestep_shift`). guidance: passed
-    to `Interleaver.generate_image` (cfg_text_scale, cfg_image_scale, ...). Returns the
-    table and the PNG paths.
+    schedule; None = the one the model trained with (`timestep_shift`). guide_step: the
+    step whose export (`checkpoint.export_steps`) autoguides. guidance: passed to
+    `Interleaver.generate_image` (cfg_text_scale, cfg_image_scale, autoguidance, ...).
+    Returns the table and the PNG paths.
     """
     out = Path(out_dir) if out_dir is not None else Path(train_run_dir) / "eval-shapes"
-    return evaluate_loaded(load_run(train_run_dir, weights),
+    return evaluate_loaded(load_run(train_run_dir, weights, guide_step),
                            _scene_config(shapes_config, train_run_dir), out, n_per_category,
                            steps, tasks, seed, batch_size, chance_n, vqa_types, shift,
-                           weights=weights, **guidance)
+                           weights=weights, guide_step=guide_step, **guidance)
 
 
 def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: int = 8,
                     steps: int = 20, tasks: Sequence[str] = TASKS, seed: int = 0,
                     batch_size: int = 8, chance_n: int = 300,
                     vqa_types: Sequence[str] = QUESTION_TYPES, shift: float | None = None,
-                    weights: str | None = None, **guidance: Any
-                    ) -> tuple[EvalTable, list[Path]]:
+                    weights: str | None = None, guide_step: int | None = None,
+                    **guidance: Any) -> tuple[EvalTable, list[Path]]:
     """`evaluate_run` on a run already loaded, in world `cfg`, writing under `out`.
 
     `out/settings.json` records what was asked (items, steps, seed, tasks, guidance,
-    the shift in effect, `weights` when known), so a table can be reproduced."""
+    the shift in effect, `weights` and the guide's step when known), so a table can be
+    reproduced."""
     guidance["shift"] = run.model.config.timestep_shift if shift is None else shift
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps({
         "n_per_category": n_per_category, "steps": steps, "seed": seed, "tasks": list(tasks),
         "vqa_types": list(vqa_types), "chance_n": chance_n, "weights": weights,
-        "guidance": guidance, "scene": cfg.model_dump(mode="json")}, indent=2) + "\n")
+        "guide_step": guide_step, "guidance": guidance,
+        "scene": cfg.model_dump(mode="json")}, indent=2) + "\n")
     chance = chance_levels(cfg, chance_n, seed)
     results: list[tuple[str, bool]] = []
     chances: dict[str, float] = {}
@@ -338,15 +351,24 @@ CLI_QUICK_ITEMS = 8  # `weft eval shapes` without a recipe: a quick look, 8 item
 def eval_settings(recipe: str | Path | None = None, **given: Any) -> dict[str, Any]:
     """The evaluation settings of `weft eval shapes`: the options given (not None), else
     the recipe's `eval` section (what `weft shapes recipe` evaluated with), else
-    `EvalRecipe`'s defaults at `CLI_QUICK_ITEMS` items a row."""
-    from weft.stages.shapes.recipe import EvalRecipe, load_recipe
+    `EvalRecipe`'s defaults at `CLI_QUICK_ITEMS` items a row. Checked as a recipe's
+    `eval` section is: RecipeError when they do not fit together."""
+    from pydantic import ValidationError
+
+    from weft.schemas.config_doc import validation_problems
+    from weft.stages.shapes.recipe import EvalRecipe, RecipeError, load_recipe
 
     base = (load_recipe(recipe).eval if recipe is not None
             else EvalRecipe(n_per_category=CLI_QUICK_ITEMS)).model_dump()
     unknown = set(given) - set(base)
     if unknown:
         raise TypeError(f"unknown evaluation settings {sorted(unknown)}")
-    return {**base, **{k: v for k, v in given.items() if v is not None}}
+    settings = {**base, **{k: v for k, v in given.items() if v is not None}}
+    try:
+        EvalRecipe.model_validate(settings)
+    except ValidationError as exc:
+        raise RecipeError(f"evaluation settings: {validation_problems(exc)}") from exc
+    return settings
 
 
 def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = None,
@@ -360,12 +382,16 @@ def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = Non
     settings = eval_settings(recipe, **given)
     n_per_category, steps = settings["n_per_category"], settings["steps"]
     out = Path(out_dir) if out_dir is not None else Path(checkpoint_dir) / "eval-shapes"
-    run = load_run(checkpoint_dir, settings["weights"])
+    autoguidance = settings["autoguidance"]
+    guide_step = settings["guide_step"] if autoguidance != 1.0 else None
+    run = load_run(checkpoint_dir, settings["weights"], guide_step)
     cfg = _scene_config(shapes_config, checkpoint_dir)
     table, pngs = evaluate_loaded(run, cfg, out, n_per_category, steps,
                                   shift=settings["shift"], weights=settings["weights"],
+                                  guide_step=guide_step,
                                   cfg_text_scale=settings["cfg_text_scale"],
-                                  cfg_image_scale=settings["cfg_image_scale"])
+                                  cfg_image_scale=settings["cfg_image_scale"],
+                                  autoguidance=autoguidance)
     markdown = f"{table.to_markdown()}\n\nper task: {task_means(table)}\n" \
                f"{chance_summary(table)}"
     if diagnose:

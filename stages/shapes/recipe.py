@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from weft.schemas.config_doc import deep_merge, read_yaml_mapping, validation_problems
 from weft.schemas.ids import hash_of
@@ -105,7 +105,21 @@ class EvalRecipe(BaseModel):
                                 "schedule; null = the model's training timestep_shift")
     cfg_text_scale: float = Field(4.0, ge=1.0)
     cfg_image_scale: float = Field(1.5, ge=1.0)
-    weights: str = Field("ema", pattern="^(ema|raw)$", description="ema | raw export")
+    autoguidance: float = Field(1.0, ge=1.0, description="sample against the run's model at "
+                                "guide_step: v_guide + w (v - v_guide); 1 = off")
+    guide_step: int | None = Field(None, gt=0, description="the step whose export guides "
+                                   "(the recipe's training exports it); needed when "
+                                   "autoguidance > 1")
+    weights: Literal["ema", "model"] = Field("ema", description="ema | model (the raw "
+                                             "weights) export")
+
+    @model_validator(mode="after")
+    def _guide_named(self) -> EvalRecipe:
+        if self.autoguidance != 1.0 and self.guide_step is None:
+            raise ValueError("autoguidance needs guide_step (eval.guide_step in a recipe, "
+                             "--guide-step on the command line): the step of the earlier "
+                             "model to guide with")
+        return self
 
     def run(self, run_dir: str | Path, shapes_config: Any, out: str | Path
             ) -> tuple[Any, list[Path]]:
@@ -114,8 +128,10 @@ class EvalRecipe(BaseModel):
 
         return evaluate_run(run_dir, shapes_config, self.n_per_category, self.steps, out,
                             weights=self.weights, shift=self.shift,
+                            guide_step=self.guide_step if self.autoguidance != 1.0 else None,
                             cfg_text_scale=self.cfg_text_scale,
-                            cfg_image_scale=self.cfg_image_scale)
+                            cfg_image_scale=self.cfg_image_scale,
+                            autoguidance=self.autoguidance)
 
 
 class ShapesRecipe(BaseModel):
@@ -137,16 +153,22 @@ class ShapesRecipe(BaseModel):
         return load_config(overrides=self.shapes)
 
     def train_config(self, paths: dict[str, Any] | None = None) -> Any:
-        """The training config: the `train` section with `paths` merged in."""
+        """The training config: the `train` section with `paths` merged in, exporting the
+        evaluation's guide step too (`checkpoint.export_steps`)."""
         from weft.train.config import load_train_config
 
-        return load_train_config(None, deep_merge(self.train, paths or _CHECK_PATHS))
+        train = deep_merge(self.train, paths or _CHECK_PATHS)
+        if self.eval.autoguidance != 1.0 and self.eval.guide_step is not None:
+            checkpoint = train.get("checkpoint", {})
+            steps = sorted({*checkpoint.get("export_steps", []), self.eval.guide_step})
+            train = deep_merge(train, {"checkpoint": {"export_steps": steps}})
+        return load_train_config(None, train)
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> ShapesRecipe:
     """The recipe at `path` (+ overrides), every section checked; RecipeError when bad."""
     from weft.pipelines.common import ConfigError
-    from weft.train.config import TrainConfigError
+    from weft.train.config import TrainConfigError, load_train_config
 
     data = read_yaml_mapping(path, "shapes recipe", RecipeError)
     try:
@@ -155,6 +177,11 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Sh
         raise RecipeError(f"invalid shapes recipe {path}: {validation_problems(exc)}") from exc
     try:
         recipe.shapes_config()
+        steps = load_train_config(None, deep_merge(recipe.train, _CHECK_PATHS)).steps
+        if recipe.eval.autoguidance != 1.0 and recipe.eval.guide_step >= steps:
+            raise RecipeError(f"shapes recipe {path}: eval.guide_step "
+                              f"{recipe.eval.guide_step} must be before the last training "
+                              f"step ({steps}): autoguidance needs an earlier model")
         recipe.train_config()
     except (ConfigError, TrainConfigError) as exc:
         raise RecipeError(f"shapes recipe {path}: {exc}") from exc
@@ -290,7 +317,7 @@ def prepare(recipe: ShapesRecipe, out: str | Path,
 # training settings that change how a run goes, not the weights it trains
 HOW_NOT_WHAT: dict[str, tuple[str, ...]] = {
     "metrics": ("every_steps", "tensorboard", "peak_tflops"),
-    "checkpoint": ("every_steps", "keep_last", "export_safetensors"),
+    "checkpoint": ("every_steps", "keep_last", "export_safetensors", "export_steps"),
     "data": ("num_workers", "latent_cache_mb"),
     "parallel": ("compile", "activation_checkpointing", "reshard_after_forward"),
 }

@@ -38,7 +38,8 @@ def _train(root, qtype: str, vit_pretrain_steps: int) -> dict:
                   "optim": {"lr": 3e-3, "warmup_steps": 10},
                   "model": {"ema_decay": 0.9, "unified": {"llm": SMALL}},
                   "data": {"pack": {"expected_tokens": 1024, "max_tokens": 1280,
-                                    "max_tokens_per_sample": 256}}}})
+                                    "max_tokens_per_sample": 256}}},
+        "eval": {"autoguidance": 1.0}})  # VQA only: nothing generated to guide
     config, _ = prepare(recipe, root)
     result = run_training(config)
     table, _ = evaluate_run(config.run_dir, recipe.shapes_config(), n_per_category=60,

@@ -36,6 +36,10 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path,
     assert (run / "eval" / "geneval.png").is_file()
     assert (run / "eval" / "edits.png").is_file()
     assert (run / "export").is_dir()
+    # the recipe autoguides with the run's own earlier model: exported at its guide step
+    assert json.loads((run / "export-step-000001" / "export.json").read_text())["step"] == 1
+    recorded = json.loads((run / "eval" / "settings.json").read_text())
+    assert recorded["guide_step"] == 1 and recorded["guidance"]["autoguidance"] == 2.0
     built = sorted(p.name for p in tmp_path.iterdir())
     assert [n for n in built if n.startswith(("data-", "vae-"))] and "models" in built
     # the recipe's tokenizer is the world's own, and the trained model reads its vocabulary
@@ -73,12 +77,21 @@ def test_a_recipe_runs_end_to_end_and_reuses_what_it_built(tmp_path,
     assert asked["guidance"]["cfg_image_scale"] == 1.5
     # --recipe: the recipe's evaluation settings (guidance 1.5 / 1.0) where no option says
     again = CliRunner().invoke(app, ["eval", "shapes", str(run), "--recipe", str(CPU_RECIPE),
-                                     "--n", "1", "--steps", "2",
+                                     "--n", "1", "--steps", "2", "--guide-step", "1",
                                      "--out", str(tmp_path / "eval-recipe")])
     assert again.exit_code == 0, again.output
     asked = json.loads((tmp_path / "eval-recipe" / "settings.json").read_text())
     assert asked["n_per_category"] == 1 and asked["guidance"]["cfg_text_scale"] == 1.5
     assert asked["guidance"]["cfg_image_scale"] == 1.0
+    assert asked["guidance"]["autoguidance"] == 2.0 and asked["guide_step"] == 1
+    # the recipe's guide step (1000) was never reached by this 2-step run: one clear error
+    missing = CliRunner().invoke(app, ["eval", "shapes", str(run), "--recipe",
+                                       str(CPU_RECIPE), "--n", "1", "--steps", "2"])
+    assert missing.exit_code != 0
+    assert "no export or checkpoint of step 1000" in " ".join(missing.output.split())
+    unnamed = CliRunner().invoke(app, ["eval", "shapes", str(run), "--autoguidance", "2"])
+    assert unnamed.exit_code != 0
+    assert "--guide-step on the command" in " ".join(unnamed.output.split())
     bad = CliRunner().invoke(app, ["eval", "shapes", str(run), "--recipe", "nope.yaml"])
     assert bad.exit_code != 0 and "nope.yaml" in bad.output
     # ... and what the images from noise hold: one row a category, one image each

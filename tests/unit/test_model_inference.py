@@ -399,3 +399,43 @@ def test_sampling_from_a_noised_latent_continues_the_schedule(tiny) -> None:
     torch.testing.assert_close(one_step, x_t - 0.6 * velocity)
     with pytest.raises(ValueError, match="start_t"):
         inter.generate_latents(32, 32, steps=1, start=[x_t], start_t=0.0)
+
+
+def test_autoguidance_steers_away_from_the_guide_model(tiny) -> None:
+    """v_guide + w (v - v_guide): a guide that is the model itself changes nothing at any w;
+    another guide gives, over one Euler step, exactly that extrapolation; a guide whose
+    contexts differ is refused."""
+    model, codec = tiny
+    prompt = [3, 9, 27, 31]
+    torch.manual_seed(1)
+    weaker = MoTModel.build(model.config).eval()  # the same architecture, other weights
+    with torch.no_grad():
+        for p in weaker.latent.proj_out.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+
+    def context(which: MoTModel) -> Interleaver:
+        inter = Interleaver(which, codec, 1, vit_max_patches=VIT_PATCHES)
+        inter.append_text([prompt])
+        return inter
+
+    def one_step(guide: Interleaver | None, w: float) -> torch.Tensor:
+        return context(model).generate_latents(
+            32, 32, steps=1, shift=1.0, cfg_text_scale=1.0, cfg_image_scale=1.0,
+            generator=torch.Generator().manual_seed(4), guide=guide, autoguidance=w)[0]
+
+    plain = one_step(None, 1.0)
+    torch.testing.assert_close(one_step(context(model), 3.0), plain)
+    noise = codec.unpatchify(torch.randn((4, model.config.latent_token_dim),
+                                         generator=torch.Generator().manual_seed(4)), (2, 2))
+    v = context(model).velocities([noise], 1.0)[0]
+    v_guide = context(weaker).velocities([noise], 1.0)[0]
+    assert (v - v_guide).abs().max() > 0.01, "a guide that predicts otherwise"
+    torch.testing.assert_close(one_step(context(weaker), 2.5),
+                               noise - (v_guide + 2.5 * (v - v_guide)))
+    torch.testing.assert_close(one_step(context(weaker), 1.0), plain)  # 1 is off
+    longer = context(weaker)
+    longer.append_text([[5]])
+    with pytest.raises(ValueError, match="guide's contexts differ"):
+        one_step(longer, 2.0)
+    with pytest.raises(ValueError, match="autoguidance must be >= 1"):
+        one_step(context(weaker), 0.5)

@@ -53,6 +53,9 @@ def test_the_cpu_recipe_fits_its_budget_on_paper() -> None:
     ({"shapes": {"samples": {"t2i": -1}}}, "samples.t2i"),
     ({"vae": {"widths": [8, 8]}}, "vae.widths"),
     ({"eval": {"weights": "best"}}, "eval.weights"),
+    ({"eval": {"guide_step": None}}, "autoguidance needs guide_step"),
+    ({"eval": {"guide_step": 2600}}, "eval.guide_step 2600 must be before the last"),
+    ({"eval": {"autoguidance": 0.5}}, "eval.autoguidance"),
     ({"trian": {}}, "trian"),
 ])
 def test_a_bad_section_fails_at_load_with_its_key(overrides, words) -> None:
@@ -60,6 +63,24 @@ def test_a_bad_section_fails_at_load_with_its_key(overrides, words) -> None:
         load_recipe(CPU_RECIPE, overrides)
     assert words in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_autoguidance_exports_its_guide_step_without_renaming_the_run(tmp_path) -> None:
+    """The CPU recipe autoguides with its own step-1000 model: training exports that step;
+    where a run is exported is not what it trains, so the run directory keeps its name."""
+    from weft.stages.shapes.recipe import train_dir
+
+    recipe = load_recipe(CPU_RECIPE)
+    assert (recipe.eval.autoguidance, recipe.eval.guide_step) == (2.0, 1000)
+    assert recipe.train_config().checkpoint.export_steps == [1000]
+    off = load_recipe(CPU_RECIPE, {"eval": {"autoguidance": 1.0}})
+    assert off.train_config().checkpoint.export_steps == []
+    both = load_recipe(CPU_RECIPE, {"train": {"checkpoint": {"export_steps": [1500]}}})
+    assert both.train_config().checkpoint.export_steps == [1000, 1500]
+    assert train_dir(tmp_path, recipe) == train_dir(tmp_path, off) == \
+        train_dir(tmp_path, both)
+    assert train_dir(tmp_path, recipe) != train_dir(
+        tmp_path, load_recipe(CPU_RECIPE, {"train": {"seed": 1}}))
 
 
 def test_unreadable_recipe_is_one_clear_error(tmp_path) -> None:
@@ -106,7 +127,8 @@ def test_eval_cli_settings_come_from_the_options_then_the_recipe_then_defaults()
 
     shipped = load_recipe(CPU_RECIPE).eval
     quick = {"n_per_category": 8, "steps": 20, "shift": None, "cfg_text_scale": 4.0,
-             "cfg_image_scale": 1.5, "weights": "ema"}
+             "cfg_image_scale": 1.5, "autoguidance": 1.0, "guide_step": None,
+             "weights": "ema"}
     assert eval_settings() == quick
     assert eval_settings(CPU_RECIPE) == shipped.model_dump()
     assert shipped.cfg_text_scale != quick["cfg_text_scale"]  # the point of it
@@ -116,3 +138,6 @@ def test_eval_cli_settings_come_from_the_options_then_the_recipe_then_defaults()
         eval_settings(cfg_scale=2.0)
     with pytest.raises(RecipeError):
         eval_settings("no/such/recipe.yaml")
+    with pytest.raises(RecipeError, match="autoguidance needs guide_step"):
+        eval_settings(autoguidance=2.0)  # the quick defaults name no guide
+    assert eval_settings(autoguidance=2.0, guide_step=500)["guide_step"] == 500

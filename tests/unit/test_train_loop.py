@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from weft.model.packed import PackBuilder, PackedBatch
 from weft.train.config import LossConfig, TrainConfig, TrainConfigError
@@ -131,6 +132,15 @@ def test_lr_schedule_warms_up_then_holds_or_follows_the_cosine() -> None:
     assert all(a >= b for a, b in itertools.pairwise(cos[2:]))
     with pytest.raises(ValueError):
         lr_factor(0, 0, 10, "linear")
+
+
+def test_export_steps_must_fall_inside_the_run(tmp_path) -> None:
+    assert tiny_train_config(tmp_path, steps=6, checkpoint={"export_steps": [4, 2, 4]}
+                             ).checkpoint.export_steps == [2, 4]
+    with pytest.raises(ValidationError, match="not before the last step"):
+        tiny_train_config(tmp_path, steps=6, checkpoint={"export_steps": [6]})
+    with pytest.raises(ValidationError, match="positive step numbers"):
+        tiny_train_config(tmp_path, steps=6, checkpoint={"export_steps": [0]})
 
 
 def test_ema_is_a_lerp_towards_the_weights_and_round_trips() -> None:
@@ -258,7 +268,8 @@ def test_tiny_model_learns_ce_and_mse_fall(tmp_path, parts) -> None:
     config = tiny_train_config(tmp_path / "run", steps=40, vit_path=str(parts["vit"]),
                                vae_path=str(parts["vae"]),
                                metrics={"every_steps": 8, "tensorboard": True},
-                               checkpoint={"every_steps": 16, "keep_last": 2},
+                               checkpoint={"every_steps": 16, "keep_last": 2,
+                                           "export_steps": [20]},
                                optim={"lr": 5e-3, "warmup_steps": 2, "schedule": "constant"})
     result = run_training(config, ToySource(vit=True))
     ce = [h.ce for h in result.history]
@@ -279,6 +290,25 @@ def test_tiny_model_learns_ce_and_mse_fall(tmp_path, parts) -> None:
     assert math.isclose(last["loss"], 0.25 * last["ce"] + last["mse"], rel_tol=1e-9)
     assert any((run / "tb").iterdir())
     assert (result.export_dir / "ema.safetensors").is_file()
+    # the earlier model autoguidance samples against: exported at step 20, or exported
+    # now from a kept checkpoint (32), and refused for a step with neither (24)
+    from safetensors.torch import load_file
+
+    from weft.train.sample import load_guide
+
+    early = run / "export-step-000020"
+    assert json.loads((early / "export.json").read_text())["step"] == 20
+    final, at_20 = (load_file(p / "ema.safetensors") for p in (result.export_dir, early))
+    assert final.keys() == at_20.keys()
+    assert any(not torch.equal(final[k], at_20[k]) for k in final)
+    guide = load_guide(run, 20)
+    assert torch.equal(guide.state_dict()["latent.proj_out.weight"],
+                       at_20["latent.proj_out.weight"])
+    assert not guide.training
+    load_guide(run, 32)
+    assert json.loads((run / "export-step-000032" / "export.json").read_text())["step"] == 32
+    with pytest.raises(FileNotFoundError, match=r"export_steps: \[24\]"):
+        load_guide(run, 24)
 
 
 def test_exact_resume_matches_a_straight_run(tmp_path, parts) -> None:
