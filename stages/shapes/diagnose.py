@@ -183,7 +183,7 @@ def diagnose(run: Loaded, cfg: SceneConfig, per_category: int = 16, steps: int =
             x_t = [noise_latents(latents[i], t0, noise[i])[0] for i in chunk]
             out = own.generate_latents(size, size, steps, shift, 1.0, 1.0, start=x_t,
                                        start_t=t0)
-            found = [(items[i][0], detect(_uint8(im)))
+            found = [(items[i][0], detect(_uint8(im), shapes=tuple(cfg.shapes)))
                      for i, im in zip(chunk, run.codec.decode(out), strict=True)]
             correct[t0] += [score_prompt(spec, objs) for spec, objs in found]
             if t0 >= 1.0:

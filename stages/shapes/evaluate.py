@@ -225,6 +225,7 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
         "guide_step": guide_step, "guidance": guidance,
         "scene": cfg.model_dump(mode="json")}, indent=2) + "\n")
     chance = chance_levels(cfg, chance_n, seed)
+    world = tuple(cfg.shapes)  # the detector's vocabulary (geneval.py's module doc)
     results: list[tuple[str, bool]] = []
     chances: dict[str, float] = {}
     pngs: list[Path] = []
@@ -233,7 +234,7 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
         specs = eval_prompts(cfg, n_per_category, seed)
         images = generate(run, [s.prompt for s in specs], size, steps, None, batch_size,
                           seed, **guidance)
-        results += [(f"geneval/{s.category}", geneval_image(s, im))
+        results += [(f"geneval/{s.category}", geneval_image(s, im, cfg.shapes))
                     for s, im in zip(specs, images, strict=True)]
         chances.update({f"geneval/{k}": v for k, v in chance["geneval"].items()})
         rows = [[im for s, im in zip(specs, images, strict=True) if s.category == c]
@@ -245,7 +246,7 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
         images = generate(run, [e.instruction for e in edits], size, steps, sources,
                           batch_size, seed, **guidance)
         tol = default_pos_tol(size)
-        results += [(f"edit/{e.op}", match_scene(e.target, detect(im), tol))
+        results += [(f"edit/{e.op}", match_scene(e.target, detect(im, shapes=world), tol))
                     for e, im in zip(edits, images, strict=True)]
         chances.update({f"edit/{k}": v for k, v in chance["edit"].items()})
         pngs.append(_grid([[s, im, render(e.target)] for e, s, im

@@ -8,6 +8,13 @@ exactly N of them for counting, and, for position, some pair in the asked relati
 after normalising; captions when they name exactly the scene's objects (and any
 relation they state holds).
 
+The detector reads generated images in the world's shape vocabulary (`SceneConfig.shapes`,
+`detect(..., shapes=)`), as GenEval's detector reads only its benchmark's classes and as
+VQA answers are closed over the world's words: in a world of circles, squares and
+triangles a blob is whichever of those it fits best, or "unknown" when it fits none
+(IoU < 0.7); it is never a diamond. Colours stay the whole palette: a red-yellow blend
+reads as orange, a colour no prompt asks for, and fails.
+
 `evaluate` turns (category, pass) pairs into a table of per-category accuracy, the
 overall score (the mean over categories, as GenEval reports it) and each category's
 chance level with the binomial p of beating it (`binomial_tail`), so a test or a report
@@ -34,6 +41,7 @@ from weft.stages.shapes.edits import EDIT_OPS, Edit, sample_edit
 from weft.stages.shapes.render import degrade, render
 from weft.stages.shapes.scene import (
     OPPOSITE,
+    SHAPES,
     Obj,
     Scene,
     SceneConfig,
@@ -75,9 +83,10 @@ def score_prompt(spec: PromptSpec, objects: Sequence[Obj] | Scene) -> bool:
     return any(spec.relation in relations(a, b) for a in groups[0] for b in groups[1])
 
 
-def geneval_image(spec: PromptSpec, image: np.ndarray) -> bool:
-    """Does a generated RGB image pass its prompt?"""
-    return score_prompt(spec, detect(image))
+def geneval_image(spec: PromptSpec, image: np.ndarray,
+                  shapes: Sequence[str] = SHAPES) -> bool:
+    """Does a generated RGB image pass its prompt? `shapes`: the world's vocabulary."""
+    return score_prompt(spec, detect(image, shapes=tuple(shapes)))
 
 
 def default_pos_tol(image_size: int) -> float:
@@ -85,16 +94,19 @@ def default_pos_tol(image_size: int) -> float:
     return image_size / 8
 
 
-def edit_correct(target: Scene, image: np.ndarray, pos_tol: float | None = None) -> bool:
-    """The edited image shows the target scene: same objects, centres within pos_tol."""
+def edit_correct(target: Scene, image: np.ndarray, pos_tol: float | None = None,
+                 shapes: Sequence[str] = SHAPES) -> bool:
+    """The edited image shows the target scene: same objects, centres within pos_tol
+    (read in the world's shape vocabulary `shapes`)."""
     tol = default_pos_tol(target.image_size) if pos_tol is None else pos_tol
-    return match_scene(target, detect(image), tol)
+    return match_scene(target, detect(image, shapes=tuple(shapes)), tol)
 
 
 def edit_accuracy(targets: Sequence[Scene], images: Sequence[np.ndarray],
-                  pos_tol: float | None = None) -> float:
+                  pos_tol: float | None = None, shapes: Sequence[str] = SHAPES) -> float:
     """The share of edited images that show their target scenes."""
-    return _mean([edit_correct(t, im, pos_tol) for t, im in zip(targets, images, strict=True)])
+    return _mean([edit_correct(t, im, pos_tol, shapes)
+                  for t, im in zip(targets, images, strict=True)])
 
 
 def answer_correct(answer: str, truth: str | QA) -> bool:
@@ -120,7 +132,8 @@ def detector_accuracy(cfg: SceneConfig, n: int = 500, blur: float = 0.0, noise: 
                       seed: int = 0, pos_tol: float = 1.0, size_tol: float | None = 0.0
                       ) -> float:
     """The share of n random scenes the detector reads back from their renders (blurred by
-    `blur` px and noised by `noise` when given): how far to trust every score here."""
+    `blur` px and noised by `noise` when given), in the world's shape vocabulary as the
+    evaluation reads: how far to trust every score here."""
     rng = eval_rng(seed, 4)
     hits = []
     for _ in range(n):
@@ -128,7 +141,8 @@ def detector_accuracy(cfg: SceneConfig, n: int = 500, blur: float = 0.0, noise: 
         image = render(scene)
         if blur or noise:
             image = degrade(image, rng, blur, noise)
-        hits.append(match_scene(scene, detect(image), pos_tol, size_tol))
+        hits.append(match_scene(scene, detect(image, shapes=tuple(cfg.shapes)), pos_tol,
+                                size_tol))
     return _mean(hits)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from weft.stages.shapes.detect import UNKNOWN, detect, detect_scene, match_scene
@@ -63,3 +64,37 @@ def test_a_blob_like_no_shape_is_an_unknown_object() -> None:
     found = detect(image)
     assert sorted(o.label for o in found) == [("blue", UNKNOWN), ("green", UNKNOWN),
                                               ("red", "circle")]
+
+
+SMALL_WORLD = SceneConfig(image_size=32, shapes=["circle", "square", "triangle"],
+                          colours=["red", "green", "blue", "yellow"], max_objects=3,
+                          min_size=0.3, max_size=0.45)  # the CPU recipe's world
+
+
+def test_detector_reads_the_small_worlds_renders_back_in_its_vocabulary() -> None:
+    """The evaluation reads a world in its own shapes: its renders still read back exactly."""
+    assert detector_accuracy(SMALL_WORLD, 300) >= 0.99
+
+
+def _squircle(side: int = 32, radius: float = 6.5, power: float = 4.0) -> np.ndarray:
+    """A red |x|^p + |y|^p <= r^p blob: between a circle (p = 2) and a square (p -> inf),
+    what an under-trained generator draws for either."""
+    yy, xx = np.mgrid[0:side, 0:side] + 0.5
+    inside = np.abs(xx - 16) ** power + np.abs(yy - 16) ** power <= radius ** power
+    image = np.full((side, side, 3), 255, np.uint8)
+    image[inside] = (230, 30, 30)
+    return image
+
+
+def test_a_blob_between_shapes_is_one_of_the_worlds_shapes() -> None:
+    """In a world without diamonds or stars a blob is the world's nearest shape (or
+    unknown when it fits none), not a shape that world cannot hold."""
+    world = tuple(SMALL_WORLD.shapes)
+    for power in (2.5, 3.0, 4.0, 6.0):
+        [obj] = detect(_squircle(power=power), shapes=world)
+        assert obj.shape in ("circle", "square") and obj.colour == "red", (power, obj)
+        assert abs(obj.x - 16) <= 1 and abs(obj.y - 16) <= 1
+    diamond = render(Scene(64, "white", (Obj("diamond", "blue", 20, 32, 32),)))
+    assert [o.shape for o in detect(diamond)] == ["diamond"]  # the full vocabulary knows it
+    [read] = detect(diamond, shapes=world)
+    assert read.shape in (*world, UNKNOWN)
