@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from weft.stages.shapes.detect import detect, match_scene
 from weft.stages.shapes.edits import EDIT_OPS
 from weft.stages.shapes.geneval import (
     EvalTable,
     answer_correct,
     chance_levels,
     default_pos_tol,
+    edit_correct,
     eval_captions,
     eval_edits,
     eval_prompts,
@@ -246,7 +246,7 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
         images = generate(run, [e.instruction for e in edits], size, steps, sources,
                           batch_size, seed, **guidance)
         tol = default_pos_tol(size)
-        results += [(f"edit/{e.op}", match_scene(e.target, detect(im, shapes=world), tol))
+        results += [(f"edit/{e.op}", edit_correct(e.target, im, tol, world))
                     for e, im in zip(edits, images, strict=True)]
         chances.update({f"edit/{k}": v for k, v in chance["edit"].items()})
         pngs.append(_grid([[s, im, render(e.target)] for e, s, im
