@@ -24,12 +24,23 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from weft.stages.shapes.edits import EDIT_OPS, sample_clip, sample_edit
-from weft.stages.shapes.scene import Scene, SceneConfig, pick, sample_scene
+from weft.stages.shapes.scene import (
+    REGIONS,
+    Obj,
+    Scene,
+    SceneConfig,
+    pick,
+    random_size,
+    region_centre,
+    region_of,
+    sample_scene,
+)
 from weft.stages.shapes.text import (
     CAPTION_QUESTION,
     CATEGORIES,
     QUESTION_TYPES,
     caption,
+    noun,
     prompt_scene,
     sample_prompt,
     vqa_pairs,
@@ -40,6 +51,10 @@ GENERATOR_VERSION = "2"  # bump when any sample a seed gives changes (2: count-o
 TASK_KINDS = {"t2i": "text_to_image", "vqa": "vqa", "caption": "vqa", "edit": "image_edit",
               "video": "video_clip"}
 TASKS = tuple(TASK_KINDS)
+# t2i prompts: a GenEval category's, or "region": one object at a named region of the 3x3
+# grid ("a red circle in the top left"), the region words of move / add edits taught
+# outside edits
+T2I_PROMPTS = (*CATEGORIES, "region")
 
 
 def _subset(value: list[str], allowed: tuple[str, ...], what: str) -> list[str]:
@@ -54,12 +69,13 @@ class T2IConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     categories: list[str] = Field(default_factory=lambda: list(CATEGORIES),
-                                  description=f"drawn uniformly; a subset of {list(CATEGORIES)}")
+                                  description=f"drawn uniformly; a subset of "
+                                              f"{list(T2I_PROMPTS)}")
 
     @field_validator("categories")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        return _subset(value, CATEGORIES, "categories")
+        return _subset(value, T2I_PROMPTS, "categories")
 
 
 class VqaConfig(BaseModel):
@@ -145,11 +161,25 @@ def _image(scene: int) -> dict[str, Any]:
     return {"type": "image", "scene": scene}
 
 
+def _region_sample(rng: np.random.Generator, cfg: SceneConfig) -> ShapeSample | None:
+    """t2i of one object at a named region, placed where an edit would put it."""
+    colour, shape, region = pick(rng, cfg.colours), pick(rng, cfg.shapes), pick(rng, list(REGIONS))
+    size = random_size(rng, cfg)
+    obj = Obj(shape, colour, size, *region_centre(region, size, cfg))
+    if region_of(obj, cfg) != region:  # snapped out of its region: draw again
+        return None
+    text = f"{noun(colour, shape)} in the {region}"
+    return ShapeSample("t2i", "region", [Scene(cfg.image_size, cfg.background, (obj,))],
+                       [_text("prompt", text), _image(0)], {"prompt": text, "region": region})
+
+
 def make_sample(task: str, rng: np.random.Generator, cfg: SceneConfig,
                 tasks: TasksConfig) -> ShapeSample | None:
     """One random sample of a task (None when this draw does not fit: draw again)."""
     if task == "t2i":
         category = pick(rng, tasks.t2i.categories)
+        if category == "region":
+            return _region_sample(rng, cfg)
         spec = sample_prompt(rng, cfg, category)
         scene = prompt_scene(rng, cfg, spec)
         if scene is None:

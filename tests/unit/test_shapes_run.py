@@ -88,3 +88,33 @@ def test_a_run_dir_refuses_another_config(tmp_path: Path) -> None:
     other = shapes.load_config(overrides={**SMALL, "seed": 1})
     with pytest.raises(ConfigMismatchError, match="seed"):
         shapes.generate_run(other, tmp_path)
+
+
+def test_region_prompts_place_one_object_where_an_edit_would() -> None:
+    """t2i "a red circle in the top left": the object sits at the region's centre, as
+    move / add edits put it, and reads back there; every region is drawn."""
+    from weft.stages.shapes.render import render
+    from weft.stages.shapes.samples import TasksConfig
+    from weft.stages.shapes.scene import REGIONS, SceneConfig, region_centre, region_of
+    from weft.stages.shapes.text import noun
+
+    cfg = SceneConfig(image_size=32, shapes=["circle", "square", "triangle"],
+                      colours=["red", "green", "blue", "yellow"], max_objects=3,
+                      min_size=0.3, max_size=0.45)
+    tasks = TasksConfig(t2i={"categories": ["region"]})
+    rng = np.random.default_rng(3)
+    drawn = [s for s in (make_sample("t2i", rng, cfg, tasks) for _ in range(120)) if s]
+    assert len(drawn) >= 100
+    regions = set()
+    for sample in drawn:
+        [obj] = sample.scenes[0].objects
+        region = sample.truth["region"]
+        regions.add(region)
+        assert sample.category == "region" and region_of(obj, cfg) == region
+        assert (obj.x, obj.y) == region_centre(region, obj.size, cfg)
+        assert sample.sequence[0]["text"] == f"{noun(obj.colour, obj.shape)} in the {region}"
+        assert sample.sequence[1] == {"type": "image", "scene": 0}
+        assert match_scene(sample.scenes[0], detect_scene(render(sample.scenes[0])), 1.0)
+    assert regions == set(REGIONS)
+    with pytest.raises(ValueError, match="categories"):
+        TasksConfig(t2i={"categories": ["regions"]})
