@@ -2,7 +2,7 @@
 
 Tasks and the shard kinds they become:
 
-    t2i       text_to_image  prompt (a GenEval category), image
+    t2i       text_to_image  prompt (a GenEval category, or an object at a region), image
     vqa       vqa            image, then question / answer turns
     caption   vqa            image, "Describe the image.", the caption
     edit      image_edit     image, instruction, image (recolour | move | add | remove)
