@@ -182,8 +182,9 @@ def reconstruction_report(vae_dir: str | Path, n: int = 64, seed: int = 1,
         latents = [lat + latent_noise * torch.randn(lat.shape, generator=gen) for lat in latents]
     recon = torch.stack(codec.decode(latents))
     tol = default_pos_tol(size) if pos_tol is None else pos_tol
-    hits = [match_scene(s, detect(im), tol) for s, im in zip(scenes, to_uint8(recon),
-                                                             strict=True)]
+    world = tuple(cfg.shapes)  # read as the evaluation reads: in the world's shapes
+    hits = [match_scene(s, detect(im, shapes=world), tol)
+            for s, im in zip(scenes, to_uint8(recon), strict=True)]
     return {"l1": float((recon - x).abs().mean()), "detect": float(np.mean(hits)),
             "latent_mean": float(z.mean()), "latent_std": float(z.std())}
 
