@@ -234,7 +234,7 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
         specs = eval_prompts(cfg, n_per_category, seed)
         images = generate(run, [s.prompt for s in specs], size, steps, None, batch_size,
                           seed, **guidance)
-        results += [(f"geneval/{s.category}", geneval_image(s, im, cfg.shapes))
+        results += [(f"geneval/{s.category}", geneval_image(s, im, world))
                     for s, im in zip(specs, images, strict=True)]
         chances.update({f"geneval/{k}": v for k, v in chance["geneval"].items()})
         rows = [[im for s, im in zip(specs, images, strict=True) if s.category == c]

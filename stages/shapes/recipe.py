@@ -121,6 +121,11 @@ class EvalRecipe(BaseModel):
                              "model to guide with")
         return self
 
+    @property
+    def active_guide_step(self) -> int | None:
+        """The step whose model guides, when autoguidance is on (None when it is off)."""
+        return self.guide_step if self.autoguidance != 1.0 else None
+
     def run(self, run_dir: str | Path, shapes_config: Any, out: str | Path
             ) -> tuple[Any, list[Path]]:
         """Evaluate a trained run with these settings: (table, PNG grids under out)."""
@@ -128,7 +133,7 @@ class EvalRecipe(BaseModel):
 
         return evaluate_run(run_dir, shapes_config, self.n_per_category, self.steps, out,
                             weights=self.weights, shift=self.shift,
-                            guide_step=self.guide_step if self.autoguidance != 1.0 else None,
+                            guide_step=self.active_guide_step,
                             cfg_text_scale=self.cfg_text_scale,
                             cfg_image_scale=self.cfg_image_scale,
                             autoguidance=self.autoguidance)
@@ -158,10 +163,10 @@ class ShapesRecipe(BaseModel):
         from weft.train.config import load_train_config
 
         train = deep_merge(self.train, paths or _CHECK_PATHS)
-        if self.eval.autoguidance != 1.0 and self.eval.guide_step is not None:
-            checkpoint = train.get("checkpoint", {})
-            steps = sorted({*checkpoint.get("export_steps", []), self.eval.guide_step})
-            train = deep_merge(train, {"checkpoint": {"export_steps": steps}})
+        guide = self.eval.active_guide_step
+        if guide is not None:  # CheckpointConfig sorts and dedupes the steps
+            given = train.get("checkpoint", {}).get("export_steps", [])
+            train = deep_merge(train, {"checkpoint": {"export_steps": [*given, guide]}})
         return load_train_config(None, train)
 
 
@@ -177,11 +182,12 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Sh
         raise RecipeError(f"invalid shapes recipe {path}: {validation_problems(exc)}") from exc
     try:
         recipe.shapes_config()
+        guide = recipe.eval.active_guide_step
         steps = load_train_config(None, deep_merge(recipe.train, _CHECK_PATHS)).steps
-        if recipe.eval.autoguidance != 1.0 and recipe.eval.guide_step >= steps:
-            raise RecipeError(f"shapes recipe {path}: eval.guide_step "
-                              f"{recipe.eval.guide_step} must be before the last training "
-                              f"step ({steps}): autoguidance needs an earlier model")
+        if guide is not None and guide >= steps:
+            raise RecipeError(f"shapes recipe {path}: eval.guide_step {guide} must be before "
+                              f"the last training step ({steps}): autoguidance needs an "
+                              "earlier model")
         recipe.train_config()
     except (ConfigError, TrainConfigError) as exc:
         raise RecipeError(f"shapes recipe {path}: {exc}") from exc
