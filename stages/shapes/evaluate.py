@@ -201,7 +201,7 @@ def evaluate_run(train_run_dir: str | Path, shapes_config: Any = None,
     """
     out = Path(out_dir) if out_dir is not None else Path(train_run_dir) / "eval-shapes"
     return evaluate_loaded(load_run(train_run_dir, weights, guide_step),
-                           _scene_config(shapes_config, train_run_dir), out, n_per_category,
+                           scene_config(shapes_config, train_run_dir), out, n_per_category,
                            steps, tasks, seed, batch_size, chance_n, vqa_types, shift,
                            weights=weights, guide_step=guide_step, **guidance)
 
@@ -249,9 +249,13 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
         results += [(f"edit/{e.op}", edit_correct(e.target, im, tol, world))
                     for e, im in zip(edits, images, strict=True)]
         chances.update({f"edit/{k}": v for k, v in chance["edit"].items()})
-        pngs.append(_grid([[s, im, render(e.target)] for e, s, im
-                           in zip(edits, sources, images, strict=True)][:16],
-                          out / "edits.png"))
+        shown = {op: 0 for op in EDIT_OPS}  # the first four of each op, in op order
+        rows = []
+        for e, s, im in zip(edits, sources, images, strict=True):
+            if shown[e.op] < 4:
+                shown[e.op] += 1
+                rows.append([s, im, render(e.target)])
+        pngs.append(_grid(rows, out / "edits.png"))
     if "vqa" in tasks:
         pairs = [(scene, qa) for scene, qas in eval_vqa(cfg, n_per_category, seed,
                                                              types=tuple(vqa_types))
@@ -278,8 +282,9 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
     return table, pngs
 
 
-def _scene_config(shapes_config: Any, train_run_dir: str | Path | None = None
-                  ) -> SceneConfig:
+def scene_config(shapes_config: Any, train_run_dir: str | Path | None = None) -> SceneConfig:
+    """The world to evaluate in: a SceneConfig as given, a ShapesConfig's or a YAML's scene,
+    or (None) the scene of the shapes run the training read, else the defaults."""
     if isinstance(shapes_config, SceneConfig):
         return shapes_config
     if shapes_config is None and train_run_dir is not None:
@@ -380,32 +385,40 @@ def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = Non
     and the sample grids' paths. CHECKPOINT is a training run directory (RUN/export).
     given: evaluation settings (`eval_settings`; None = the recipe's or the default).
     diagnose: also where generation fails (`diagnose.py`), written as diagnose.md/json."""
-    settings = eval_settings(recipe, **given)
-    n_per_category, steps = settings["n_per_category"], settings["steps"]
+    from weft.stages.shapes.recipe import EvalRecipe
+
+    chosen = EvalRecipe.model_validate(eval_settings(recipe, **given))
     out = Path(out_dir) if out_dir is not None else Path(checkpoint_dir) / "eval-shapes"
-    autoguidance = settings["autoguidance"]
-    guide_step = settings["guide_step"] if autoguidance != 1.0 else None
-    run = load_run(checkpoint_dir, settings["weights"], guide_step)
-    cfg = _scene_config(shapes_config, checkpoint_dir)
-    table, pngs = evaluate_loaded(run, cfg, out, n_per_category, steps,
-                                  shift=settings["shift"], weights=settings["weights"],
-                                  guide_step=guide_step,
-                                  cfg_text_scale=settings["cfg_text_scale"],
-                                  cfg_image_scale=settings["cfg_image_scale"],
-                                  autoguidance=autoguidance)
+    run = load_run(checkpoint_dir, chosen.weights, chosen.active_guide_step)
+    cfg = scene_config(shapes_config, checkpoint_dir)
+    table, pngs = chosen.evaluate(run, cfg, out)
     markdown = f"{table.to_markdown()}\n\nper task: {task_means(table)}\n" \
                f"{chance_summary(table)}"
     if diagnose:
         from weft.stages.shapes.diagnose import diagnose as run_diagnosis
 
-        found = run_diagnosis(run, cfg, n_per_category, steps)
+        found = run_diagnosis(run, cfg, chosen.n_per_category, chosen.steps)
         (out / "diagnose.md").write_text(found.to_markdown() + "\n")
         (out / "diagnose.json").write_text(json.dumps(found.as_dict(), indent=2) + "\n")
         markdown += "\n\n" + found.to_markdown()
     return markdown, pngs
 
 
-__all__ = ["CLI_QUICK_ITEMS", "TASKS", "Loaded", "answer", "chance_summary", "eval_settings",
-           "eval_shapes_cli", "evaluate_loaded",
-           "evaluate_run", "generate", "load_run", "prompt_contexts", "task_mean", "task_means",
-           "trained_scene"]
+__all__ = [
+    "CLI_QUICK_ITEMS",
+    "TASKS",
+    "Loaded",
+    "answer",
+    "chance_summary",
+    "eval_settings",
+    "eval_shapes_cli",
+    "evaluate_loaded",
+    "evaluate_run",
+    "generate",
+    "load_run",
+    "prompt_contexts",
+    "scene_config",
+    "task_mean",
+    "task_means",
+    "trained_scene",
+]

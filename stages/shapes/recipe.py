@@ -129,14 +129,23 @@ class EvalRecipe(BaseModel):
     def run(self, run_dir: str | Path, shapes_config: Any, out: str | Path
             ) -> tuple[Any, list[Path]]:
         """Evaluate a trained run with these settings: (table, PNG grids under out)."""
-        from weft.stages.shapes.evaluate import evaluate_run
+        from weft.stages.shapes.evaluate import scene_config
+        from weft.train.sample import load_run
 
-        return evaluate_run(run_dir, shapes_config, self.n_per_category, self.steps, out,
-                            weights=self.weights, shift=self.shift,
-                            guide_step=self.active_guide_step,
-                            cfg_text_scale=self.cfg_text_scale,
-                            cfg_image_scale=self.cfg_image_scale,
-                            autoguidance=self.autoguidance)
+        return self.evaluate(load_run(run_dir, self.weights, self.active_guide_step),
+                             scene_config(shapes_config, run_dir), Path(out))
+
+    def evaluate(self, loaded: Any, scene: Any, out: Path) -> tuple[Any, list[Path]]:
+        """Evaluate a run already loaded (`load_run` with these weights and guide step)
+        in world `scene` with these settings: (table, PNG grids under out)."""
+        from weft.stages.shapes.evaluate import evaluate_loaded
+
+        return evaluate_loaded(loaded, scene, out, self.n_per_category, self.steps,
+                               shift=self.shift, weights=self.weights,
+                               guide_step=self.active_guide_step,
+                               cfg_text_scale=self.cfg_text_scale,
+                               cfg_image_scale=self.cfg_image_scale,
+                               autoguidance=self.autoguidance)
 
 
 class ShapesRecipe(BaseModel):

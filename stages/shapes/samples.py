@@ -47,7 +47,9 @@ from weft.stages.shapes.text import (
 )
 
 GENERATOR = "weft.shapes"
-GENERATOR_VERSION = "2"  # bump when any sample a seed gives changes (2: count-of-a-shape)
+GENERATOR_VERSION = "3"  # bump when any sample a seed gives changes (2: count-of-a-shape,
+#                          3: an edit op keeps its draw over scenes that do not allow it)
+EDIT_SCENE_TRIES = 32  # scenes an edit op is tried on before the draw is given up
 TASK_KINDS = {"t2i": "text_to_image", "vqa": "vqa", "caption": "vqa", "edit": "image_edit",
               "video": "video_clip"}
 TASKS = tuple(TASK_KINDS)
@@ -202,8 +204,14 @@ def make_sample(task: str, rng: np.random.Generator, cfg: SceneConfig,
                            [_image(0), _text("question", CAPTION_QUESTION),
                             _text("answer", text)], {"caption": text})
     if task == "edit":
+        # the op is drawn once and kept over scenes that do not allow it: drawing it again
+        # with the scene would make add (needs room) and remove (needs two objects) rare
         op = pick(rng, tasks.edit.ops)
-        edit = sample_edit(rng, sample_scene(rng, cfg), cfg, op)
+        edit = None
+        for _ in range(EDIT_SCENE_TRIES):
+            edit = sample_edit(rng, sample_scene(rng, cfg), cfg, op)
+            if edit is not None:
+                break
         if edit is None:
             return None
         return ShapeSample(task, op, [edit.source, edit.target],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,20 @@ def test_region_prompts_place_one_object_where_an_edit_would() -> None:
     assert regions == set(REGIONS)
     with pytest.raises(ValueError, match="categories"):
         TasksConfig(t2i={"categories": ["regions"]})
+
+
+@pytest.mark.parametrize("world", ["default", "cpu recipe"])
+def test_edit_ops_are_drawn_uniformly(world: str) -> None:
+    """An op is drawn once and kept over scenes that do not allow it: drawn again with each
+    scene, add (needs room) fell to 17% of the CPU recipe's edits and remove (needs two
+    objects) to 20%."""
+    from weft.stages.shapes.recipe import CPU_RECIPE, load_recipe
+
+    config = shapes.ShapesConfig() if world == "default" else \
+        load_recipe(CPU_RECIPE).shapes_config()
+    n, counts = 1200, Counter()
+    for index in range(n):
+        drawn, _ = shapes.draw(config, "edit", index, set())
+        counts[drawn.sample.category] += 1
+    assert set(counts) == {"recolour", "move", "add", "remove"}
+    assert all(abs(c / n - 0.25) < 0.04 for c in counts.values()), counts
