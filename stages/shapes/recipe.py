@@ -25,13 +25,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from weft.schemas.config_doc import deep_merge, read_yaml_mapping, validation_problems
 from weft.schemas.ids import hash_of
 from weft.stages.shapes.samples import GENERATOR_VERSION
+
+if TYPE_CHECKING:
+    from weft.stages.shapes.geneval import EvalTable
+    from weft.stages.shapes.scene import SceneConfig
+    from weft.train.sample import Loaded
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CPU_RECIPE = CONFIGS / "shapes-recipe-cpu.yaml"
@@ -127,7 +132,7 @@ class EvalRecipe(BaseModel):
         return self.guide_step if self.autoguidance != 1.0 else None
 
     def run(self, run_dir: str | Path, shapes_config: Any, out: str | Path
-            ) -> tuple[Any, list[Path]]:
+            ) -> tuple[EvalTable, list[Path]]:
         """Evaluate a trained run with these settings: (table, PNG grids under out)."""
         from weft.stages.shapes.evaluate import scene_config
         from weft.train.sample import load_run
@@ -135,7 +140,8 @@ class EvalRecipe(BaseModel):
         return self.evaluate(load_run(run_dir, self.weights, self.active_guide_step),
                              scene_config(shapes_config, run_dir), Path(out))
 
-    def evaluate(self, loaded: Any, scene: Any, out: Path) -> tuple[Any, list[Path]]:
+    def evaluate(self, loaded: Loaded, scene: SceneConfig, out: Path
+                 ) -> tuple[EvalTable, list[Path]]:
         """Evaluate a run already loaded (`load_run` with these weights and guide step)
         in world `scene` with these settings: (table, PNG grids under out)."""
         from weft.stages.shapes.evaluate import evaluate_loaded
