@@ -56,6 +56,9 @@ from weft.stages.shapes.text import (
 )
 from weft.train.sample import Loaded, load_run
 
+GRID_COLUMNS = 16  # images a GenEval grid row shows (96 a row made a 6528 px strip)
+EDITS_SHOWN = 4  # edits of each op the edits grid shows (source, generated, target)
+
 if TYPE_CHECKING:
     from weft.model.inference import Interleaver
 
@@ -238,8 +241,8 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
                     for s, im in zip(specs, images, strict=True)]
         chances.update({f"geneval/{k}": v for k, v in chance["geneval"].items()})
         rows = [[im for s, im in zip(specs, images, strict=True) if s.category == c]
-                for c in CATEGORIES]
-        pngs.append(_grid([r for r in rows if r], out / "geneval.png"))
+                for c in CATEGORIES]  # a row per category, its first GRID_COLUMNS images
+        pngs.append(_grid([r[:GRID_COLUMNS] for r in rows if r], out / "geneval.png"))
     if "edit" in tasks:
         edits = eval_edits(cfg, n_per_category, seed)
         sources = [render(e.source) for e in edits]
@@ -249,10 +252,10 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
         results += [(f"edit/{e.op}", edit_correct(e.target, im, tol, world))
                     for e, im in zip(edits, images, strict=True)]
         chances.update({f"edit/{k}": v for k, v in chance["edit"].items()})
-        shown = {op: 0 for op in EDIT_OPS}  # the first four of each op, in op order
+        shown = {op: 0 for op in EDIT_OPS}  # the first EDITS_SHOWN of each op, in op order
         rows = []
         for e, s, im in zip(edits, sources, images, strict=True):
-            if shown[e.op] < 4:
+            if shown[e.op] < EDITS_SHOWN:
                 shown[e.op] += 1
                 rows.append([s, im, render(e.target)])
         pngs.append(_grid(rows, out / "edits.png"))
