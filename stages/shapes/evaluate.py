@@ -45,23 +45,19 @@ from weft.stages.shapes.geneval import (
     geneval_image,
 )
 from weft.stages.shapes.render import png_bytes, render
-from weft.stages.shapes.scene import Scene, SceneConfig
+from weft.stages.shapes.scene import SceneConfig
 from weft.stages.shapes.text import (
     CAPTION_QUESTION,
     CATEGORIES,
-    QA,
     QUESTION_TYPES,
     answer_space,
     caption_correct,
-    final_answer,
     normalize_answer,
 )
 from weft.train.sample import Loaded, load_run
 
 GRID_COLUMNS = 16  # images a GenEval grid row shows (96 a row made a 6528 px strip)
 EDITS_SHOWN = 4  # edits of each op the edits grid shows (source, generated, target)
-REPLY_TOKENS = 4  # a VQA reply is one word (a reply running on is read by closed_answer)
-REASONED_REPLY_TOKENS = 24  # a reasoned position reply (text.position_reasoning) is ~17
 
 if TYPE_CHECKING:
     from weft.model.inference import Interleaver
@@ -153,21 +149,6 @@ def answer(run: Loaded, images: Sequence[np.ndarray], questions: Sequence[str],
             ids = ids[:stops[0]] if stops else ids
             out.append(run.tokenizer.decode(ids, skip_special_tokens=True))
     return out
-
-
-def vqa_replies(run: Loaded, pairs: Sequence[tuple[Scene, QA]], batch_size: int = 8
-                ) -> list[str]:
-    """The model's reply to each (scene, question); position questions get room for a
-    reasoned reply (a model taught plain answers stops at eos all the same)."""
-    replies = [""] * len(pairs)
-    for reasoned in (False, True):
-        index = [i for i, (_, qa) in enumerate(pairs) if (qa.type == "position") == reasoned]
-        got = answer(run, [render(pairs[i][0]) for i in index],
-                     [pairs[i][1].question for i in index],
-                     REASONED_REPLY_TOKENS if reasoned else REPLY_TOKENS, batch_size)
-        for i, reply in zip(index, got, strict=True):
-            replies[i] = reply
-    return replies
 
 
 def _first_word(text: str) -> str:
@@ -282,9 +263,10 @@ def evaluate_loaded(run: Loaded, cfg: SceneConfig, out: Path, n_per_category: in
         pairs = [(scene, qa) for scene, qas in eval_vqa(cfg, n_per_category, seed,
                                                              types=tuple(vqa_types))
                  for qa in qas]
-        answers = vqa_replies(run, pairs, batch_size)
-        results += [(f"vqa/{qa.type}", answer_correct(
-                     closed_answer(final_answer(a), answer_space(qa.type, cfg)), qa))
+        answers = answer(run, [render(s) for s, _ in pairs], [qa.question for _, qa in pairs],
+                         4, batch_size)
+        results += [(f"vqa/{qa.type}",
+                     answer_correct(closed_answer(a, answer_space(qa.type, cfg)), qa))
                     for (_, qa), a in zip(pairs, answers, strict=True)]
         # a blind model learns each type's answer prior, so that is the bar, not a coin
         chances.update({f"vqa/{k}": max(v, chance["vqa_majority"][k])

@@ -39,7 +39,6 @@ from weft.stages.shapes.text import (
     CAPTION_QUESTION,
     CATEGORIES,
     QUESTION_TYPES,
-    TRAINING_QUESTION_TYPES,
     caption,
     noun,
     prompt_scene,
@@ -87,15 +86,12 @@ class VqaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     questions: int = Field(3, ge=1, le=8, description="question / answer turns per image")
     types: list[str] = Field(default_factory=lambda: list(QUESTION_TYPES),
-                             description=f"drawn uniformly; a subset of "
-                                         f"{list(TRAINING_QUESTION_TYPES)}")
-    reason_position: bool = Field(False, description="position replies first say in which "
-                                  "column or row (of 8) each object lies, then yes / no")
+                             description=f"drawn uniformly; a subset of {list(QUESTION_TYPES)}")
 
     @field_validator("types")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        return _subset(value, TRAINING_QUESTION_TYPES, "types")
+        return _subset(value, QUESTION_TYPES, "types")
 
 
 class EditConfig(BaseModel):
@@ -194,12 +190,11 @@ def make_sample(task: str, rng: np.random.Generator, cfg: SceneConfig,
                            {"prompt": spec.to_dict()})
     if task == "vqa":
         scene = sample_scene(rng, cfg)
-        pairs = vqa_pairs(rng, scene, cfg, tasks.vqa.questions, tuple(tasks.vqa.types),
-                          tasks.vqa.reason_position)
+        pairs = vqa_pairs(rng, scene, cfg, tasks.vqa.questions, tuple(tasks.vqa.types))
         if not pairs:
             return None
         turns = [t for qa in pairs for t in (_text("question", qa.question),
-                                             _text("answer", qa.reply))]
+                                             _text("answer", qa.answer))]
         return ShapeSample(task, "qa", [scene],
                            [_image(0), *turns], {"qa": [asdict(qa) for qa in pairs]})
     if task == "caption":

@@ -33,11 +33,6 @@ from weft.stages.shapes.scene import (
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 QUESTION_TYPES = ("count", "count_shape", "colour", "shape", "position", "exists")
-# Asked in training only: "Where is the red square?" -> "the red square is in column 3,
-# row 5", the lookup a reasoned position reply makes (see position_reasoning), on every
-# scene: one-object scenes teach reading an object's place; position questions alone
-# cannot (their two objects sit apart, so where the objects are on average says nothing).
-TRAINING_QUESTION_TYPES = (*QUESTION_TYPES, "where")
 CAPTION_QUESTION = "Describe the image."
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 _COUNT = "|".join(("a", "an", *NUMBERS))
@@ -177,51 +172,11 @@ def prompt_scene(rng: np.random.Generator, cfg: SceneConfig, spec: PromptSpec) -
 # ---- VQA --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class QA:
-    """A question about a scene, its type, and its one right answer; `reasoning` is what
-    a reply says before the answer (empty unless asked for), the answer its last part."""
+    """A question about a scene, its type, and its one right answer."""
 
     type: str
     question: str
     answer: str
-    reasoning: str = ""
-
-    @property
-    def reply(self) -> str:
-        """What the model is taught to say: the reasoning, then the answer."""
-        return self.reasoning + self.answer
-
-
-# A reasoned position reply names, for each object, the column (left of / right of) or
-# row (above / below) of POSITION_BINS it lies in, then answers after REASONING_END:
-# "the red square is in column 2, the blue circle in column 6: yes". Each number is a
-# lookup of one named object (learnable alone; the comparison of two objects was not,
-# README), and the answer a comparison of two numbers the reply has just said.
-POSITION_BINS = 8
-REASONING_END = ": "
-
-
-def position_bin(obj: Obj, axis: str, image_size: int) -> int:
-    """1..POSITION_BINS: the column (axis 'column') or row ('row') the object's centre is in."""
-    at = obj.x if axis == "column" else obj.y
-    return min(POSITION_BINS, int(at * POSITION_BINS // image_size) + 1)
-
-
-def where_reply(obj: Obj, image_size: int) -> str:
-    """Where an object is: 'the red square is in column 3, row 5'."""
-    return (f"{the(obj)} is in column {position_bin(obj, 'column', image_size)}, "
-            f"row {position_bin(obj, 'row', image_size)}")
-
-
-def position_reasoning(a: Obj, b: Obj, asked: str, image_size: int) -> str:
-    """The reasoning before a position answer: where each object is along the asked axis."""
-    axis = "column" if asked in ("left of", "right of") else "row"
-    return (f"{the(a)} is in {axis} {position_bin(a, axis, image_size)}, "
-            f"{the(b)} in {axis} {position_bin(b, axis, image_size)}{REASONING_END}")
-
-
-def final_answer(reply: str) -> str:
-    """The answer part of a reply: after the last REASONING_END, or all of it."""
-    return reply.rsplit(REASONING_END.strip(), 1)[-1].strip()
 
 
 def _unique(scene: Scene) -> list[Obj]:
@@ -229,7 +184,7 @@ def _unique(scene: Scene) -> list[Obj]:
 
 
 def _question(rng: np.random.Generator, scene: Scene, cfg: SceneConfig,
-              qtype: str, reason_position: bool = False) -> QA | None:
+              qtype: str) -> QA | None:
     objs = list(scene.objects)
     if qtype == "count":
         return QA(qtype, "How many objects are there?", str(len(objs)))
@@ -259,33 +214,24 @@ def _question(rng: np.random.Generator, scene: Scene, cfg: SceneConfig,
         rel = pick(rng, sorted(relations(a, b)))
         yes = bool(rng.integers(2))
         asked = rel if yes else OPPOSITE[rel]
-        why = position_reasoning(a, b, asked, scene.image_size) if reason_position else ""
-        return QA(qtype, f"Is {the(a)} {asked} {the(b)}?", "yes" if yes else "no", why)
-    if qtype == "where":
-        named = _unique(scene)
-        if not named:
-            return None
-        o = pick(rng, named)
-        return QA(qtype, f"Where is {the(o)}?", where_reply(o, scene.image_size))
+        return QA(qtype, f"Is {the(a)} {asked} {the(b)}?", "yes" if yes else "no")
     if qtype == "exists":
         present = sorted({o.label for o in objs})
         absent = [(c, s) for c in cfg.colours for s in cfg.shapes if (c, s) not in present]
         yes = bool(rng.integers(2)) or not absent
         colour, shape = pick(rng, present if yes else absent)
         return QA(qtype, f"Is there {noun(colour, shape)}?", "yes" if yes else "no")
-    raise ValueError(f"question type must be one of {TRAINING_QUESTION_TYPES}, got {qtype!r}")
+    raise ValueError(f"question type must be one of {QUESTION_TYPES}, got {qtype!r}")
 
 
 def vqa_pairs(rng: np.random.Generator, scene: Scene, cfg: SceneConfig, n: int,
-              types: tuple[str, ...] = QUESTION_TYPES, reason_position: bool = False
-              ) -> list[QA]:
-    """Up to n different questions about the scene, types drawn uniformly; position
-    replies reason first when `reason_position` (the same draws either way)."""
+              types: tuple[str, ...] = QUESTION_TYPES) -> list[QA]:
+    """Up to n different questions about the scene, types drawn uniformly."""
     out: list[QA] = []
     for _ in range(8 * n):
         if len(out) == n:
             break
-        qa = _question(rng, scene, cfg, pick(rng, types), reason_position)
+        qa = _question(rng, scene, cfg, pick(rng, types))
         if qa is not None and all(qa.question != q.question for q in out):
             out.append(qa)
     return out
@@ -317,25 +263,18 @@ def normalize_answer(text: str) -> str:
 __all__ = [
     "CAPTION_QUESTION",
     "CATEGORIES",
-    "POSITION_BINS",
     "QA",
     "QUESTION_TYPES",
-    "REASONING_END",
-    "TRAINING_QUESTION_TYPES",
     "PromptSpec",
     "Requirement",
     "answer_space",
     "caption",
     "caption_correct",
-    "final_answer",
     "normalize_answer",
     "noun",
     "parse_objects",
-    "position_bin",
-    "position_reasoning",
     "prompt_scene",
     "sample_prompt",
     "the",
     "vqa_pairs",
-    "where_reply",
 ]
