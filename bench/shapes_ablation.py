@@ -10,7 +10,7 @@ OUT/tables.md (the shapes evaluation of each mode side by side), and prints both
         --out runs/shapes-ablation
 
 (the recipe autoguides each mode's sampling with its own model at `eval.guide_step`,
-which must come before the last step.)
+which must come before the last step.) `--modes moe mot` trains and compares a subset.
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--set", dest="set_", action="append", default=[],
                         help="KEY=VALUE over the recipe, e.g. train.steps=1000")
     parser.add_argument("--out", type=Path, default=Path("runs/shapes-ablation"))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="layer modes to train and compare, in this order (default: all)")
     parser.add_argument("--replot", action="store_true",
                         help="redraw OUT/curves.png from OUT/curves.json, train nothing")
     args = parser.parse_args()
@@ -141,7 +143,7 @@ def main() -> None:
     config, _ = prepare(recipe, args.out, print)
     runs, tables = [], {}
     shapes_config = recipe.shapes_config()
-    for mode in MODES:
+    for mode in dict.fromkeys(args.modes):  # each once, in the order given
         run = train_mode(mode, config, args.out)
         tables[mode], _ = recipe.eval.run(args.out / mode, shapes_config,
                                           args.out / mode / "eval")

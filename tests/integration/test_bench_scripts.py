@@ -70,11 +70,19 @@ def test_device_check_dry_run_passes_every_step(tmp_path) -> None:
     assert "smoke recipe: steps 300" in (tmp_path / "recipe-config.log").read_text()
 
 
+def test_shapes_ablation_refuses_an_unknown_layer_mode() -> None:
+    done = subprocess.run([sys.executable, str(BENCH / "shapes_ablation.py"), "--modes", "mot",
+                           "moa"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "invalid choice: 'moa'" in done.stderr, done.stderr
+
+
 def test_shapes_ablation_trains_each_layer_mode_on_the_same_tokens(tmp_path,
                                                                  tiny_shapes_recipe) -> None:
     """The ablation's claim is equal training tokens: the three modes must report the same
-    count; the side-by-side table and the loss-curve plot are written."""
-    args = ["--out", str(tmp_path)]
+    count; the side-by-side table (in the order `--modes` gives) and the loss-curve plot
+    are written."""
+    args = ["--out", str(tmp_path), "--modes", "mot", "dense", "moe"]
     for pair in tiny_shapes_recipe:
         args += ["--set", pair]
     out = _run("shapes_ablation.py", *args)
@@ -83,7 +91,7 @@ def test_shapes_ablation_trains_each_layer_mode_on_the_same_tokens(tmp_path,
     assert set(tokens) == {"dense", "moe", "mot"}, out
     assert len(set(tokens.values())) == 1 and tokens["mot"] > 0, tokens
     table = (tmp_path / "tables.md").read_text()
-    assert table.splitlines()[0] == "| category | dense | moe | mot | chance |"
+    assert table.splitlines()[0] == "| category | mot | dense | moe | chance |"
     assert "| geneval/color_attr |" in table and "| caption |" in table
     assert re.search(r"\| rows above chance \(p < 0\.05\) \| \d+ of 17 \| \d+ of 17 \| "
                      r"\d+ of 17 \| \|", table), table
