@@ -61,6 +61,7 @@ EDITS_SHOWN = 4  # edits of each op the edits grid shows (source, generated, tar
 
 if TYPE_CHECKING:
     from weft.model.inference import Interleaver
+    from weft.stages.shapes.recipe import EvalRecipe
 
 TASKS = ("geneval", "edit", "vqa", "caption")
 
@@ -357,7 +358,7 @@ def chance_summary(table: EvalTable, alpha: float = 0.05) -> str:
 CLI_QUICK_ITEMS = 8  # `weft eval shapes` without a recipe: a quick look, 8 items a row
 
 
-def eval_settings(recipe: str | Path | None = None, **given: Any) -> dict[str, Any]:
+def eval_settings(recipe: str | Path | None = None, **given: Any) -> EvalRecipe:
     """The evaluation settings of `weft eval shapes`: the options given (not None), else
     the recipe's `eval` section (what `weft shapes recipe` evaluated with), else
     `EvalRecipe`'s defaults at `CLI_QUICK_ITEMS` items a row. Checked as a recipe's
@@ -374,10 +375,9 @@ def eval_settings(recipe: str | Path | None = None, **given: Any) -> dict[str, A
         raise TypeError(f"unknown evaluation settings {sorted(unknown)}")
     settings = {**base, **{k: v for k, v in given.items() if v is not None}}
     try:
-        EvalRecipe.model_validate(settings)
+        return EvalRecipe.model_validate(settings)
     except ValidationError as exc:
         raise RecipeError(f"evaluation settings: {validation_problems(exc)}") from exc
-    return settings
 
 
 def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = None,
@@ -388,9 +388,7 @@ def eval_shapes_cli(checkpoint_dir: str | Path, out_dir: str | Path | None = Non
     and the sample grids' paths. CHECKPOINT is a training run directory (RUN/export).
     given: evaluation settings (`eval_settings`; None = the recipe's or the default).
     diagnose: also where generation fails (`diagnose.py`), written as diagnose.md/json."""
-    from weft.stages.shapes.recipe import EvalRecipe
-
-    chosen = EvalRecipe.model_validate(eval_settings(recipe, **given))
+    chosen = eval_settings(recipe, **given)
     out = Path(out_dir) if out_dir is not None else Path(checkpoint_dir) / "eval-shapes"
     run = load_run(checkpoint_dir, chosen.weights, chosen.active_guide_step)
     cfg = scene_config(shapes_config, checkpoint_dir)

@@ -130,15 +130,15 @@ def test_eval_cli_settings_come_from_the_options_then_the_recipe_then_defaults()
     quick = {"n_per_category": 8, "steps": 20, "shift": None, "cfg_text_scale": 4.0,
              "cfg_image_scale": 1.5, "autoguidance": 1.0, "guide_step": None,
              "weights": "ema"}
-    assert eval_settings() == quick
-    assert eval_settings(CPU_RECIPE) == shipped.model_dump()
+    assert eval_settings().model_dump() == quick
+    assert eval_settings(CPU_RECIPE) == shipped
     assert shipped.cfg_text_scale != quick["cfg_text_scale"]  # the point of it
     mixed = eval_settings(CPU_RECIPE, n_per_category=3, cfg_text_scale=None)
-    assert mixed["n_per_category"] == 3 and mixed["cfg_text_scale"] == shipped.cfg_text_scale
+    assert mixed.n_per_category == 3 and mixed.cfg_text_scale == shipped.cfg_text_scale
     with pytest.raises(TypeError, match="unknown evaluation settings"):
         eval_settings(cfg_scale=2.0)
     with pytest.raises(RecipeError):
         eval_settings("no/such/recipe.yaml")
     with pytest.raises(RecipeError, match="autoguidance needs guide_step"):
         eval_settings(autoguidance=2.0)  # the quick defaults name no guide
-    assert eval_settings(autoguidance=2.0, guide_step=500)["guide_step"] == 500
+    assert eval_settings(autoguidance=2.0, guide_step=500).guide_step == 500
